@@ -1,0 +1,41 @@
+"""User-facing errors: one exception type per kind of user mistake.
+
+Entry points catch `UserError` and print it as one line with the fix, exiting non-zero
+(`exit_on_user_error`). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+
+class UserError(Exception):
+  """A mistake the user can fix: the message names it and says how."""
+
+
+class ConfigError(UserError):
+  """A bad model name, option, flag or gin binding."""
+
+
+class InputPathError(UserError):
+  """A missing or unreadable input path."""
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str):
+  """Turns a UserError raised inside the block into `prog: error: ...` and exit status 2."""
+  try:
+    yield
+  except UserError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, but a bad flag is one line (`prog: error: ...; see --help`) and exit status 2."""
+
+  def error(self, message):
+    print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,137 @@
+"""Turns a `ModelSpec` table into a `keras.Model`.
+
+    model = mnv4_train.models.build("conv_l", num_classes=1000)
+
+The model is functional: stem -> blocks `stage{i}_block{j}` -> stage 4 ConvBN 1x1 -> global
+average pool -> head ConvBN 1x1 (1280) -> dropout -> linear classifier (logits, no softmax).
+Inputs are float images, NHWC; normalisation is the input pipeline's job.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from mnv4_train.errors import ConfigError
+from mnv4_train.models import layers as L
+from mnv4_train.models import specs as S
+
+DROP_PATH_SCHEDULES = ("flat", "linear")
+
+
+def scale_filters(filters: int, width: float) -> int:
+  """The Model Garden's width rounding (`round_filters`): multiple of 8, at least 8."""
+  return filters if width == 1.0 else S.make_divisible(filters * width)
+
+
+def _check_options(spec, *, num_classes, width, resolution, dropout, drop_path_rate,
+                   drop_path_schedule, padding, activation):
+  problems = []
+  if not isinstance(num_classes, int) or num_classes < 1:
+    problems.append(f"num_classes must be a positive integer, got {num_classes!r}")
+  if not width > 0:
+    problems.append(f"width must be > 0, got {width!r}")
+  if resolution is not None and (not isinstance(resolution, int) or resolution < 32):
+    problems.append(f"resolution must be an integer >= 32, got {resolution!r}")
+  if not 0 <= dropout < 1:
+    problems.append(f"dropout must be in [0, 1), got {dropout!r}")
+  if not 0 <= drop_path_rate < 1:
+    problems.append(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+  if drop_path_schedule not in DROP_PATH_SCHEDULES:
+    problems.append(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, "
+                    f"got {drop_path_schedule!r}")
+  if padding not in L.PADDINGS:
+    problems.append(f"padding must be one of {L.PADDINGS}, got {padding!r}")
+  if activation is not None and activation not in ("relu", "gelu"):
+    problems.append(f"activation must be 'relu' or 'gelu', got {activation!r}")
+  if problems:
+    raise ConfigError(f"{spec.name}: " + "; ".join(problems))
+
+
+def build(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    width: float = 1.0,
+    resolution: int | None = None,
+    dropout: float = 0.0,
+    drop_path_rate: float = 0.0,
+    drop_path_schedule: str = "flat",
+    bn_momentum: float = 0.997,
+    bn_epsilon: float = 1e-3,
+    padding: str = "same",
+    activation: str | None = None,
+    layer_scale_init_value: float = 1e-5,
+    model_name: str | None = None,
+) -> keras.Model:
+  """Builds an MNv4 variant by name (`conv_s`, `conv_m`, `conv_l`, `hybrid_m`, `hybrid_l`).
+
+  Args:
+    name: variant name; an unknown one raises `ConfigError` listing the valid names.
+    num_classes: classifier outputs.
+    width: channel multiplier, rounded as the Model Garden does (multiples of 8, the 1280-wide
+      head kept); < 1 gives tiny test models. Attention heads and key dims are not scaled.
+    resolution: fixed input size; None (default) builds a model that takes any size.
+    dropout: dropout before the classifier.
+    drop_path_rate: stochastic depth on residual blocks. "flat" applies the same rate to every
+      block (the Model Garden default); "linear" ramps it from 0 to the rate with depth.
+    bn_momentum, bn_epsilon: BatchNorm settings (defaults: the Model Garden MNv4 recipes; timm
+      weights use epsilon 1e-5, short local runs want momentum ~0.9).
+    padding: "same" (TensorFlow/Model Garden) or "symmetric" (timm/PyTorch).
+    activation: override the variant's activation ("relu" or "gelu"); None keeps the table's.
+    layer_scale_init_value: initial layer-scale value in the hybrids' UIB and MQA blocks.
+    model_name: Keras model name (default `mnv4_<name>`).
+  """
+  spec = S.get_spec(name)
+  _check_options(spec, num_classes=num_classes, width=width, resolution=resolution,
+                 dropout=dropout, drop_path_rate=drop_path_rate,
+                 drop_path_schedule=drop_path_schedule, padding=padding, activation=activation)
+  common = dict(activation=activation or spec.activation, padding=padding,
+                bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
+  layer_scale = layer_scale_init_value if spec.layer_scale else None
+  blocks = spec.blocks
+
+  inputs = keras.Input(shape=(resolution, resolution, 3), name="image")
+  x = L.ConvBNAct(scale_filters(spec.stem_filters, width), 3, 2, name="stem", **common)(inputs)
+  index = 0
+  for stage_id, stage in enumerate(spec.stages):
+    for block_id, block in enumerate(stage):
+      rate = drop_path_rate
+      if drop_path_schedule == "linear":
+        rate = drop_path_rate * index / max(len(blocks) - 1, 1)
+      index += 1
+      x = _block_layer(block, width=width, layer_scale=layer_scale, drop_path_rate=rate,
+                       name=f"stage{stage_id}_block{block_id}", common=common)(x)
+  x = L.ConvBNAct(scale_filters(spec.last_filters, width), 1, name="stage4_conv", **common)(x)
+  x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+  # The head keeps its full width at any multiplier (the Model Garden's finegrain mode).
+  x = L.ConvBNAct(spec.head_filters, 1, name="head_conv", **common)(x)
+  x = keras.layers.Flatten(name="flatten")(x)
+  if dropout:
+    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+  outputs = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
+  return keras.Model(inputs, outputs, name=model_name or f"mnv4_{name}")
+
+
+def _block_layer(block, *, width, layer_scale, drop_path_rate, name, common):
+  filters = scale_filters(block.filters, width)
+  if isinstance(block, S.ConvBN):
+    return L.ConvBNAct(filters, block.kernel, block.stride, name=name, **common)
+  if isinstance(block, S.FusedIB):
+    return L.FusedIB(filters, block.expand_ratio, kernel_size=block.kernel, strides=block.stride,
+                     drop_path_rate=drop_path_rate, name=name, **common)
+  if isinstance(block, S.UIB):
+    return L.UniversalInvertedBottleneck(
+        filters, block.expand_ratio, start_dw_kernel_size=block.start_dw_kernel,
+        middle_dw_kernel_size=block.middle_dw_kernel, strides=block.stride,
+        layer_scale_init_value=layer_scale, drop_path_rate=drop_path_rate, name=name, **common)
+  if isinstance(block, S.MQA):
+    return L.MobileMQA(block.num_heads, block.key_dim, block.value_dim,
+                       kv_strides=block.kv_stride, dw_kernel_size=block.dw_kernel,
+                       layer_scale_init_value=layer_scale, drop_path_rate=drop_path_rate,
+                       name=name, **common)
+  raise TypeError(f"unknown block record {block!r}")
+
+
+def canonical_resolution(name: str) -> int:
+  return S.get_spec(name).resolution
+

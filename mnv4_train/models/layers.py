@@ -1,0 +1,344 @@
+"""MobileNetV4 building blocks as Keras 3 layers (keras.layers and keras.ops only).
+
+One layer per idea: `ConvBNAct`, `FusedIB`, `UniversalInvertedBottleneck` (IB, ConvNext, ExtraDW
+and FFN are its instantiations), `MobileMQA` (multi-query attention with optional key/value
+downsampling), plus `LayerScale`. Every layer returns its init args from `get_config()`, so a
+model saves to `.keras` and loads on the TensorFlow and JAX backends alike.
+
+Conventions shared by all blocks (see ../../../shared/reference/MNV4_ARCHITECTURE.md):
+convolutions have no bias and are followed by BatchNorm; `padding="same"` is TensorFlow SAME
+(the Model Garden's convention, extra pixel bottom/right for stride 2), `padding="symmetric"`
+pads k//2 on every side (timm's convention, for imported PyTorch weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from mnv4_train.models.specs import make_divisible
+
+PADDINGS = ("same", "symmetric")
+
+# The Model Garden's conv initializer (VarianceScaling, fan_in, truncated normal).
+def _conv_init():
+  return keras.initializers.VarianceScaling()
+
+
+def _spatial_conv(filters, kernel_size, strides, padding, name, depthwise=False, initializer=None):
+  """A bias-free (depthwise) conv; symmetric padding for strided convs is an explicit pad."""
+  explicit_pad = padding == "symmetric" and strides > 1 and kernel_size > 1
+  conv_padding = "valid" if explicit_pad else "same"
+  initializer = initializer or _conv_init()
+  if depthwise:
+    conv = keras.layers.DepthwiseConv2D(
+        kernel_size, strides=strides, padding=conv_padding, use_bias=False,
+        depthwise_initializer=initializer, name=name)
+  else:
+    conv = keras.layers.Conv2D(
+        filters, kernel_size, strides=strides, padding=conv_padding, use_bias=False,
+        kernel_initializer=initializer, name=name)
+  if not explicit_pad:
+    return [conv]
+  return [keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad"), conv]
+
+
+class _Block(keras.layers.Layer):
+  """Shared plumbing: BN settings, padding, and building a chain of sublayers from a shape."""
+
+  def __init__(self, *, activation="relu", padding="same", bn_momentum=0.997, bn_epsilon=1e-3,
+               **kwargs):
+    super().__init__(**kwargs)
+    if padding not in PADDINGS:
+      raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    self.activation = activation
+    self.padding = padding
+    self.bn_momentum = bn_momentum
+    self.bn_epsilon = bn_epsilon
+
+  def _bn(self, name):
+    return keras.layers.BatchNormalization(
+        momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name)
+
+  def _act(self, name):
+    return keras.layers.Activation(self.activation, name=name)
+
+  @staticmethod
+  def _build_chain(layers, shape):
+    """Builds `layers` in order from `shape` (so `.keras` loading finds every weight)."""
+    for layer in layers:
+      layer.build(shape)
+      shape = layer.compute_output_shape(shape)
+    return shape
+
+  @staticmethod
+  def _run(layers, x, training=None):
+    for layer in layers:
+      x = layer(x, training=training)
+    return x
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(activation=self.activation, padding=self.padding,
+                  bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="mnv4")
+class LayerScale(keras.layers.Layer):
+  """Per-channel learned scale (CaiT), initialised to `init_value`."""
+
+  def __init__(self, init_value=1e-5, **kwargs):
+    super().__init__(**kwargs)
+    self.init_value = init_value
+
+  def build(self, input_shape):
+    self.gamma = self.add_weight(
+        name="gamma", shape=(input_shape[-1],),
+        initializer=keras.initializers.Constant(self.init_value))
+
+  def call(self, x):
+    return x * ops.cast(self.gamma, x.dtype)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "init_value": self.init_value}
+
+
+def _drop_path(rate, name):
+  # Stochastic depth: drop the whole residual branch per example, rescaling the kept ones.
+  return keras.layers.Dropout(rate, noise_shape=(None, 1, 1, 1), name=name) if rate else None
+
+
+@keras.saving.register_keras_serializable(package="mnv4")
+class ConvBNAct(_Block):
+  """Conv k x k -> BatchNorm -> activation (the stem, Conv-S's early stages, stage 4, head)."""
+
+  def __init__(self, filters, kernel_size, strides=1, **kwargs):
+    super().__init__(**kwargs)
+    self.filters = filters
+    self.kernel_size = kernel_size
+    self.strides = strides
+
+  def build(self, input_shape):
+    self.ops_ = [*_spatial_conv(self.filters, self.kernel_size, self.strides, self.padding, "conv"),
+                 self._bn("bn"), self._act("act")]
+    self._build_chain(self.ops_, input_shape)
+
+  def call(self, x, training=None):
+    return self._run(self.ops_, x, training)
+
+  def compute_output_shape(self, input_shape):
+    return _conv_output_shape(input_shape, self.filters, self.strides)
+
+  def get_config(self):
+    return {**super().get_config(), "filters": self.filters,
+            "kernel_size": self.kernel_size, "strides": self.strides}
+
+
+@keras.saving.register_keras_serializable(package="mnv4")
+class FusedIB(_Block):
+  """Fused inverted bottleneck: full k x k conv expansion, 1x1 projection (first block of M/L)."""
+
+  def __init__(self, filters, expand_ratio, kernel_size=3, strides=1, drop_path_rate=0.0,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.filters = filters
+    self.expand_ratio = expand_ratio
+    self.kernel_size = kernel_size
+    self.strides = strides
+    self.drop_path_rate = drop_path_rate
+
+  def build(self, input_shape):
+    in_filters = input_shape[-1]
+    mid = make_divisible(in_filters * self.expand_ratio)
+    self.use_residual = self.strides == 1 and in_filters == self.filters
+    self.ops_ = [
+        *_spatial_conv(mid, self.kernel_size, self.strides, self.padding, "expand"),
+        self._bn("expand_bn"), self._act("expand_act"),
+        keras.layers.Conv2D(self.filters, 1, use_bias=False, kernel_initializer=_conv_init(),
+                            name="project"),
+        self._bn("project_bn"),
+    ]
+    self._build_chain(self.ops_, input_shape)
+    self.drop_path = _drop_path(self.drop_path_rate, "drop_path") if self.use_residual else None
+
+  def call(self, x, training=None):
+    y = self._run(self.ops_, x, training)
+    if not self.use_residual:
+      return y
+    if self.drop_path is not None:
+      y = self.drop_path(y, training=training)
+    return x + y
+
+  def compute_output_shape(self, input_shape):
+    return _conv_output_shape(input_shape, self.filters, self.strides)
+
+  def get_config(self):
+    return {**super().get_config(), "filters": self.filters, "expand_ratio": self.expand_ratio,
+            "kernel_size": self.kernel_size, "strides": self.strides,
+            "drop_path_rate": self.drop_path_rate}
+
+
+@keras.saving.register_keras_serializable(package="mnv4")
+class UniversalInvertedBottleneck(_Block):
+  """The UIB block (paper section 4.1, figure 4).
+
+  [start DW -> BN] -> PW expand -> BN -> act -> [middle DW -> BN -> act] -> PW project -> BN
+  -> [layer scale] -> [drop path] -> + shortcut (stride 1 and C_in == C_out only).
+  A kernel of 0 leaves that depthwise conv out: (k, k) ExtraDW, (0, k) IB, (k, 0) ConvNext,
+  (0, 0) FFN. The stride sits on the middle DW when there is one, otherwise on the start DW.
+  """
+
+  def __init__(self, filters, expand_ratio, start_dw_kernel_size=0, middle_dw_kernel_size=0,
+               strides=1, layer_scale_init_value=None, drop_path_rate=0.0, **kwargs):
+    super().__init__(**kwargs)
+    if strides > 1 and not (start_dw_kernel_size or middle_dw_kernel_size):
+      raise ValueError("a strided UIB needs a start or middle depthwise conv")
+    self.filters = filters
+    self.expand_ratio = expand_ratio
+    self.start_dw_kernel_size = start_dw_kernel_size
+    self.middle_dw_kernel_size = middle_dw_kernel_size
+    self.strides = strides
+    self.layer_scale_init_value = layer_scale_init_value
+    self.drop_path_rate = drop_path_rate
+
+  def build(self, input_shape):
+    in_filters = input_shape[-1]
+    mid = make_divisible(in_filters * self.expand_ratio)
+    middle_stride = self.strides if self.middle_dw_kernel_size else 1
+    start_stride = 1 if self.middle_dw_kernel_size else self.strides
+    self.use_residual = self.strides == 1 and in_filters == self.filters
+    ops_ = []
+    if self.start_dw_kernel_size:
+      ops_ += [*_spatial_conv(None, self.start_dw_kernel_size, start_stride, self.padding,
+                              "start_dw", depthwise=True),
+               self._bn("start_dw_bn")]  # no activation after the start DW
+    ops_ += [keras.layers.Conv2D(mid, 1, use_bias=False, kernel_initializer=_conv_init(),
+                                 name="expand"),
+             self._bn("expand_bn"), self._act("expand_act")]
+    if self.middle_dw_kernel_size:
+      ops_ += [*_spatial_conv(None, self.middle_dw_kernel_size, middle_stride, self.padding,
+                              "middle_dw", depthwise=True),
+               self._bn("middle_dw_bn"), self._act("middle_dw_act")]
+    ops_ += [keras.layers.Conv2D(self.filters, 1, use_bias=False,
+                                 kernel_initializer=_conv_init(), name="project"),
+             self._bn("project_bn")]
+    if self.layer_scale_init_value is not None:
+      ops_.append(LayerScale(self.layer_scale_init_value, name="layer_scale"))
+    self.ops_ = ops_
+    self._build_chain(ops_, input_shape)
+    self.drop_path = _drop_path(self.drop_path_rate, "drop_path") if self.use_residual else None
+
+  def call(self, x, training=None):
+    y = self._run(self.ops_, x, training)
+    if not self.use_residual:
+      return y
+    if self.drop_path is not None:
+      y = self.drop_path(y, training=training)
+    return x + y
+
+  def compute_output_shape(self, input_shape):
+    return _conv_output_shape(input_shape, self.filters, self.strides)
+
+  def get_config(self):
+    return {**super().get_config(), "filters": self.filters, "expand_ratio": self.expand_ratio,
+            "start_dw_kernel_size": self.start_dw_kernel_size,
+            "middle_dw_kernel_size": self.middle_dw_kernel_size, "strides": self.strides,
+            "layer_scale_init_value": self.layer_scale_init_value,
+            "drop_path_rate": self.drop_path_rate}
+
+
+@keras.saving.register_keras_serializable(package="mnv4")
+class MobileMQA(_Block):
+  """Mobile MQA block (paper section 4.2): pre-norm multi-query attention with a residual.
+
+  x + drop_path(layer_scale(MQA(BN(x)))). Queries have `num_heads` heads of `key_dim`; keys
+  and values have one shared head each, and when `kv_strides` > 1 each is first downsampled by
+  its own depthwise `dw_kernel_size` conv + BN (the asymmetric spatial reduction). Softmax runs
+  in float32 under mixed precision.
+  """
+
+  def __init__(self, num_heads, key_dim, value_dim=None, kv_strides=1, dw_kernel_size=3,
+               layer_scale_init_value=None, drop_path_rate=0.0, **kwargs):
+    super().__init__(**kwargs)
+    self.num_heads = num_heads
+    self.key_dim = key_dim
+    self.value_dim = value_dim or key_dim
+    self.kv_strides = kv_strides
+    self.dw_kernel_size = dw_kernel_size
+    self.layer_scale_init_value = layer_scale_init_value
+    self.drop_path_rate = drop_path_rate
+
+  def _kv_branch(self, prefix, out_dim):
+    ops_ = []
+    if self.kv_strides > 1:
+      ops_ += [*_spatial_conv(None, self.dw_kernel_size, self.kv_strides, self.padding,
+                              f"{prefix}_dw", depthwise=True,
+                              initializer=keras.initializers.GlorotUniform()),
+               self._bn(f"{prefix}_dw_bn")]
+    ops_.append(self._proj(out_dim, f"{prefix}_proj"))
+    return ops_
+
+  @staticmethod
+  def _proj(filters, name):
+    return keras.layers.Conv2D(filters, 1, use_bias=False,
+                               kernel_initializer=keras.initializers.GlorotUniform(), name=name)
+
+  def build(self, input_shape):
+    channels = input_shape[-1]
+    self.norm = self._bn("norm")
+    self.norm.build(input_shape)
+    self.query = [self._proj(self.num_heads * self.key_dim, "query_proj")]
+    self.key = self._kv_branch("key", self.key_dim)
+    self.value = self._kv_branch("value", self.value_dim)
+    for branch in (self.query, self.key, self.value):
+      self._build_chain(branch, input_shape)
+    self.output_proj = self._proj(channels, "output_proj")
+    self.output_proj.build(tuple(input_shape[:-1]) + (self.num_heads * self.value_dim,))
+    self.layer_scale = None
+    if self.layer_scale_init_value is not None:
+      self.layer_scale = LayerScale(self.layer_scale_init_value, name="layer_scale")
+      self.layer_scale.build(input_shape)
+    self.drop_path = _drop_path(self.drop_path_rate, "drop_path")
+
+  def call(self, x, training=None):
+    shortcut = x
+    x = self.norm(x, training=training)
+    shape = ops.shape(x)
+    batch, height, width = shape[0], shape[1], shape[2]
+    q = self._run(self.query, x, training) * ops.cast(1.0 / math.sqrt(self.key_dim), x.dtype)
+    q = ops.reshape(q, (batch, -1, self.num_heads, self.key_dim))           # [B, L, h, dk]
+    k = ops.reshape(self._run(self.key, x, training), (batch, -1, self.key_dim))      # [B, P, dk]
+    v = ops.reshape(self._run(self.value, x, training), (batch, -1, self.value_dim))  # [B, P, dv]
+    logits = ops.einsum("blhk,bpk->blhp", q, k)
+    weights = ops.cast(ops.softmax(ops.cast(logits, "float32"), axis=-1), v.dtype)
+    o = ops.einsum("blhp,bpk->blhk", weights, v)
+    o = ops.reshape(o, (batch, height, width, self.num_heads * self.value_dim))
+    o = self.output_proj(o)
+    if self.layer_scale is not None:
+      o = self.layer_scale(o)
+    if self.drop_path is not None:
+      o = self.drop_path(o, training=training)
+    return shortcut + o
+
+  def compute_output_shape(self, input_shape):
+    return tuple(input_shape)
+
+  def get_config(self):
+    return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim,
+            "value_dim": self.value_dim, "kv_strides": self.kv_strides,
+            "dw_kernel_size": self.dw_kernel_size,
+            "layer_scale_init_value": self.layer_scale_init_value,
+            "drop_path_rate": self.drop_path_rate}
+
+
+def _conv_output_shape(input_shape, filters, strides):
+  """Output shape of a SAME/symmetric conv stack: ceil(H / s) either way for odd kernels."""
+  b, h, w, _ = input_shape
+  out = lambda d: None if d is None else -(-d // strides)
+  return (b, out(h), out(w), filters)
