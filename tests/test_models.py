@@ -289,3 +289,23 @@ def test_summary_cli_per_stage_table_adds_up():
   assert params(rows["total"]) == GOLDEN["conv_s"][0]
   assert sum(params(r) for k, r in rows.items() if k != "total") == GOLDEN["conv_s"][0]
   assert float(rows["total"][-2]) == pytest.approx(186.0, abs=0.2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_float16"])
+def test_fused_batchnorm_matches_keras_batchnorm(dtype):
+  x = np.random.default_rng(7).normal(2.0, 3.0, size=(4, 6, 6, 8)).astype("float32")
+  ours = L.BatchNorm(momentum=0.9, epsilon=1e-3, dtype=dtype)
+  ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3, dtype=dtype)
+  for layer in (ours, ref):
+    layer.build(x.shape)
+    layer.gamma.assign(np.linspace(0.5, 2.0, 8).astype("float32"))
+    layer.beta.assign(np.linspace(-1.0, 1.0, 8).astype("float32"))
+  tol = 1e-5 if dtype == "float32" else 1e-2
+  for _ in range(2):
+    np.testing.assert_allclose(np.asarray(ours(x, training=True), "float32"),
+                               np.asarray(ref(x, training=True), "float32"), rtol=tol, atol=tol)
+  np.testing.assert_allclose(ours.moving_mean, ref.moving_mean, rtol=1e-5)
+  np.testing.assert_allclose(ours.moving_variance, ref.moving_variance, rtol=1e-4)
+  assert not np.allclose(ours.moving_variance, 1.0)  # the statistics really moved
+  np.testing.assert_allclose(np.asarray(ours(x, training=False), "float32"),
+                             np.asarray(ref(x, training=False), "float32"), rtol=tol, atol=tol)
