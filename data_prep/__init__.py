@@ -1,5 +1,24 @@
 """Apache Beam jobs that build the source shards and the offline distillation datasets.
 
-One module per job, shared transforms in their own module; see WORKSPACE.md for the data flow.
-`data_prep` may import `mnv4_train`'s record and augmentation modules, never the reverse.
+One module per job (`ingest`, `select_d3`, `distill`), shared transforms in `transforms`, output
+plumbing in `files`; see WORKSPACE.md for the data flow. `data_prep` imports `mnv4_train`'s
+record and augmentation modules, never the reverse.
 """
+
+import logging as _logging
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class _OptionalGcpNotice(_logging.Filter):
+  """Beam warns on import that its GCS and BigQuery clients are absent: they come with the
+  `gcp` extra (`pip install -e ".[gcp]"`), which local runs do not need."""
+
+  def filter(self, record):
+    message = str(record.msg)
+    return not message.startswith(("Failed to import GCSFileSystem", "apitools not found"))
+
+
+for _name in ("apache_beam.io.filesystems", ""):
+  _logging.getLogger(_name).addFilter(_OptionalGcpNotice())

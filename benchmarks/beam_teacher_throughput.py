@@ -1,0 +1,111 @@
+"""Teacher logits per second through the Beam distillation job against a bare predict loop.
+
+    .venv/bin/python benchmarks/beam_teacher_throughput.py [--teacher conv_s] [--resolution 224]
+        [--images 512] [--replicas 8]
+
+Both sides do the same work on the same real images (sklearn's digits, ingested as source
+shards): decode, sample and apply the D1 augmentation (the same tf.data map), run the teacher
+(an MNv4 at full width, random weights), serialize the records and write them to TFRecord files.
+Anchor: a bare single-process loop doing exactly that with `model.predict_on_batch`. Ours:
+`data_prep.distill` on the DirectRunner with 2 worker processes (multi_processing), timed end
+to end, pipeline start-up included. Overhead = Beam time / bare time - 1; the target is < 20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tensorflow as tf  # noqa: E402
+
+from data_prep import distill, files, ingest, transforms  # noqa: E402
+from mnv4_train import models  # noqa: E402
+from mnv4_train.data import augment, records  # noqa: E402
+from data_prep.digits import write_digits_folder  # noqa: E402
+
+
+def bare_loop(source, teacher_path, out, replicas, resolution, batch_size):
+  """The same work as the Beam job, in one process, no Beam."""
+  manifest = files.read_manifest(source, "source")
+  teacher = transforms.load_teacher(teacher_path)
+  forward = tf.function(lambda x: teacher(x, training=False))
+  task = distill.AugmentTask("d1", resolution, "minus_one_to_one", batch_size,
+                             len(manifest["shards"]))
+  n = 0
+  for shard, info in enumerate(manifest["shards"]):
+    examples = transforms.read_shard(os.path.join(source, info["path"]))
+    for replica in range(replicas):
+      inputs = {"seed": tf.stack([augment.key_seed("d1", replica, ex["id"]) for ex in examples]),
+                "data": [ex["encoded"] for ex in examples],
+                "partner": [ex["encoded"] for ex in examples]}
+      ds = (tf.data.Dataset.from_tensor_slices(inputs)
+            .map(task._augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size))
+      path = os.path.join(out, f"r{replica:04d}-{info['path']}")
+      with tf.io.TFRecordWriter(path) as writer:
+        i = 0
+        for pixels, params in ds:
+          logits = forward(pixels).numpy()
+          for j, row in enumerate(logits):
+            ex = examples[i + j]
+            writer.write(records.distill_record(
+                example_id=ex["id"], source_shard=shard, source_index=i + j, recipe="d1",
+                replica=replica, copy=0, params={k: v[j].numpy() for k, v in params.items()},
+                logits=row))
+          i += len(logits)
+          n += len(logits)
+  return n
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--teacher", default="conv_s", choices=models.MODEL_NAMES)
+  parser.add_argument("--resolution", type=int, default=224)
+  parser.add_argument("--images", type=int, default=512)
+  parser.add_argument("--replicas", type=int, default=8)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--workers", type=int, default=2)
+  args = parser.parse_args()
+
+  work = tempfile.mkdtemp(prefix="mnv4_bench_")
+  try:
+    write_digits_folder(os.path.join(work, "images"), limit=args.images)
+    source = os.path.join(work, "source")
+    ingest.run([f"--images={work}/images", f"--out={source}", "--num_shards=4"])
+    teacher = os.path.join(work, "teacher.keras")
+    models.build(args.teacher, num_classes=10, resolution=args.resolution).save(teacher)
+    total = args.images * args.replicas
+
+    start = time.perf_counter()
+    os.makedirs(os.path.join(work, "bare"))
+    n = bare_loop(source, teacher, os.path.join(work, "bare"), args.replicas, args.resolution,
+                  args.batch_size)
+    bare = time.perf_counter() - start
+    assert n == total
+
+    start = time.perf_counter()
+    manifest = distill.run([
+        "--recipe=d1", f"--source={source}", f"--teacher={teacher}", f"--out={work}/beam",
+        f"--replicas={args.replicas}", f"--batch_size={args.batch_size}",
+        f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"])
+    beam = time.perf_counter() - start
+    assert manifest["num_records"] == total
+
+    print(f"\nteacher {args.teacher} at {args.resolution}px, {args.images} images x "
+          f"{args.replicas} replicas = {total} logits, batch {args.batch_size}")
+    print(f"{'':<44}{'seconds':>9}{'logits/s':>10}")
+    print(f"{'anchor: bare predict loop (1 process)':<44}{bare:>9.1f}{total / bare:>10.1f}")
+    print(f"{f'Beam DirectRunner, {args.workers} workers':<44}{beam:>9.1f}{total / beam:>10.1f}")
+    print(f"Beam overhead: {beam / bare - 1:+.1%} (ratio Beam/bare throughput "
+          f"{bare / beam:.2f})")
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

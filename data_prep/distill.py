@@ -1,0 +1,310 @@
+"""Distillation datasets: augmentation parameters + teacher logits per (example, replica) (step 3).
+
+    python -m data_prep.distill --recipe=d1 --source=SOURCE_SHARDS --teacher=teacher.keras \\
+        --out=DIR [--replicas=N] [--replica_offset=K] [--top_k=0] [--selection=D3_SELECTION] \\
+        [standard Beam options: --runner=DataflowRunner ... | --direct_num_workers=2
+         --direct_running_mode=multi_processing]
+
+Recipes (`mnv4_train.data.augment.RECIPES`): d1 inception crop + RandAugment l2m9, d2 inception
+crop + extreme mixup with a partner from the same source shard, d3 inception crop + RandAugment
+l2m5 over the class-balanced selection of `data_prep.select_d3` (its replicated images get one
+record per copy). For every (example, replica, copy) the parameters are drawn from a stateless
+seed of (recipe, replica, id, copy), applied by `augment.apply` (the function the trainer
+replays), and the teacher runs through Beam `RunInference`.
+
+Work is split into tasks of (source shard, block of replicas): a task reads its shard once and
+emits fixed batches in a fixed order, so the records of a run are byte-identical to the last.
+Output: `r<replica>/shard-XXXXX-of-YYYYY.tfrecord` beside each source shard's name, records
+sorted by (source_index, copy); format in `mnv4_train/data/records.py`; `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from data_prep import files, transforms
+from mnv4_train.data import augment, records
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+
+FORMAT = "mnv4-distill-records/1"
+
+
+def parse_args(argv):
+  parser = ArgumentParser(prog="data_prep.distill", description=__doc__.split("\n")[0])
+  parser.add_argument("--recipe", required=True, choices=sorted(augment.RECIPES))
+  parser.add_argument("--source", required=True, help="source shards folder (data_prep.ingest)")
+  parser.add_argument("--teacher", required=True, help="teacher: .keras file or SavedModel dir")
+  parser.add_argument("--out", required=True, help="output folder (local or gs://)")
+  parser.add_argument("--selection", default=None, help="D3 selection folder (recipe d3)")
+  parser.add_argument("--replicas", type=int, default=None,
+                      help="replicas to build (default: the paper's count for the recipe)")
+  parser.add_argument("--replica_offset", type=int, default=0,
+                      help="first replica index, to build a recipe's replicas in several jobs")
+  parser.add_argument("--resolution", type=int, default=None,
+                      help="teacher input size (default: the teacher's fixed size, else 224)")
+  parser.add_argument("--teacher_input", default="minus_one_to_one",
+                      choices=sorted(transforms.INPUT_SCALES),
+                      help="pixel range the teacher expects")
+  parser.add_argument("--teacher_outputs", default="logits", choices=["logits", "probabilities"],
+                      help="probabilities are stored as log-probabilities")
+  parser.add_argument("--top_k", type=int, default=0,
+                      help="store the top-k logits (indices + float16 values); 0 = all")
+  parser.add_argument("--batch_size", type=int, default=32, help="teacher batch size")
+  parser.add_argument("--replicas_per_task", type=int, default=4,
+                      help="replicas one worker builds per read of a source shard")
+  parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  args, beam_args = parser.parse_known_args(argv)
+  recipe = augment.RECIPES[args.recipe]
+  if args.replicas is None:
+    args.replicas = recipe.replicas
+  for flag in ("replicas", "batch_size", "replicas_per_task"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  if args.replica_offset < 0 or args.top_k < 0:
+    parser.error("--replica_offset and --top_k must be >= 0")
+  if args.resolution is not None and args.resolution < 16:
+    parser.error(f"--resolution must be >= 16, got {args.resolution}")
+  if args.recipe == "d3" and not args.selection:
+    parser.error("recipe d3 needs --selection (the output of data_prep.select_d3)")
+  if args.recipe != "d3" and args.selection:
+    parser.error(f"--selection is for recipe d3 only, not {args.recipe}")
+  return args, beam_args
+
+
+# ---- tasks ------------------------------------------------------------------------------------
+
+def make_tasks(shards, replica_offset, replicas, per_task):
+  """(shard index, shard path, first replica, replica count) work units."""
+  tasks = []
+  for index, path in enumerate(shards):
+    for start in range(replica_offset, replica_offset + replicas, per_task):
+      tasks.append((index, path, start, min(per_task, replica_offset + replicas - start)))
+  return tasks
+
+
+class AugmentTask(beam.DoFn):
+  """A task -> (key, image batch) elements for RunInference, in a fixed order.
+
+  key = (output file, [(sort key, metadata)...]) with one metadata dict per image: ids,
+  positions, replica, copy and the augmentation parameters. `selection` maps a source position
+  to its number of copies (D3); None takes every example once.
+
+  Sampling and `augment.apply` run inside a tf.data map, as the trainer's replay does: some
+  Model Garden ops truncate floats to uint8, and a `tf.function` (whose graph optimiser
+  reorders float arithmetic) can land one grey level off the eager and tf.data result.
+  """
+
+  def __init__(self, recipe, resolution, teacher_input, batch_size, num_shards):
+    self.recipe = recipe
+    self.resolution = resolution
+    self.teacher_input = teacher_input
+    self.batch_size = batch_size
+    self.num_shards = num_shards
+    self.images = beam.metrics.Metrics.counter(transforms.NAMESPACE, "augmented_images")
+
+  def _augment(self, element):
+    recipe = augment.RECIPES[self.recipe]
+    image = augment.decode(element["data"])
+    partner = augment.decode(element["partner"]) if recipe.mixup else None
+    params = augment.sample(recipe, element["seed"], tf.shape(image),
+                            tf.shape(partner) if recipe.mixup else None)
+    scale, offset = transforms.INPUT_SCALES[self.teacher_input]
+    pixels = augment.apply(image, params, self.resolution, partner)
+    return pixels * scale + offset, params
+
+  def process(self, element):
+    (shard, path, first, count), selection = element
+    examples = transforms.read_shard(path)
+    recipe = augment.RECIPES[self.recipe]
+    shard_file = files.shard_name("shard", shard, self.num_shards)
+    for replica in range(first, first + count):
+      inputs, keys = {"seed": [], "data": [], "partner": []}, []
+      for position, ex in enumerate(examples):
+        copies = 1 if selection is None else selection.get(position, 0)
+        for copy in range(copies):
+          seed = augment.key_seed(self.recipe, replica, ex["id"], copy)
+          meta = {"id": ex["id"], "source_shard": shard, "source_index": position,
+                  "replica": replica, "copy": copy, "partner_id": "", "partner_index": -1}
+          if recipe.mixup:
+            p_index = augment.sample_partner(seed, position, len(examples))
+            meta.update(partner_id=examples[p_index]["id"], partner_index=p_index)
+          inputs["seed"].append(seed)
+          inputs["data"].append(ex["encoded"])
+          inputs["partner"].append(examples[meta["partner_index"]]["encoded"])
+          keys.append(((position, copy), meta))
+      if not keys:
+        continue
+      inputs["seed"] = tf.stack(inputs["seed"])
+      ds = (tf.data.Dataset.from_tensor_slices(inputs)
+            .map(self._augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(self.batch_size))
+      out_file = f"r{replica:04d}/{shard_file}"
+      for start, (pixels, params) in zip(range(0, len(keys), self.batch_size), ds):
+        batch_keys = keys[start:start + self.batch_size]
+        for i, (_, meta) in enumerate(batch_keys):
+          meta["params"] = {k: v[i].numpy() for k, v in params.items()}
+        self.images.inc(len(batch_keys))
+        yield (out_file, batch_keys), pixels
+
+
+class MakeRecords(beam.DoFn):
+  """(key, teacher batch output) -> (output file, (sort key, serialized record)) per image."""
+
+  def __init__(self, recipe, teacher_outputs, top_k, num_classes):
+    self.recipe = recipe
+    self.teacher_outputs = teacher_outputs
+    self.top_k = top_k
+    self.num_classes = num_classes
+    self.nonfinite = beam.metrics.Metrics.counter(transforms.NAMESPACE, "nonfinite_logits")
+
+  def process(self, element):
+    (out_file, keys), result = element
+    outputs = np.asarray(result.inference, np.float32)
+    if self.teacher_outputs == "probabilities":
+      outputs = np.log(np.clip(outputs, 1e-30, None))
+    for (sort_key, meta), logits in zip(keys, outputs):
+      if logits.shape[-1] != self.num_classes or not np.all(np.isfinite(logits)):
+        self.nonfinite.inc()
+        yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER, {
+            "id": meta["id"], "replica": meta["replica"], "copy": meta["copy"],
+            "error": f"teacher output of shape {logits.shape} is not {self.num_classes} "
+                     "finite values"})
+        continue
+      record = records.distill_record(
+          example_id=meta["id"], source_shard=meta["source_shard"],
+          source_index=meta["source_index"], recipe=self.recipe, replica=meta["replica"],
+          copy=meta["copy"], params=meta["params"], logits=logits, top_k=self.top_k,
+          partner_id=meta["partner_id"], partner_index=meta["partner_index"])
+      yield out_file, (sort_key, record)
+
+
+# ---- D3 selection join ------------------------------------------------------------------------
+
+def _selection_by_shard(line):
+  row = json.loads(line)
+  return row["source_shard"], (row["source_index"], row["copies"])
+
+
+def _attach_selection(element):
+  """(shard, {tasks, selection}) -> (task, {position: copies}) for every task of the shard."""
+  _, grouped = element
+  selection = dict(grouped["selection"])
+  for task in grouped["tasks"]:
+    yield task, selection
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+def _write_manifest(stats, folder, dead, info):
+  stats = sorted(stats, key=lambda s: s["path"])
+  files.write_json(os.path.join(folder, files.MANIFEST), {
+      **info, "files": stats, "num_records": sum(s["count"] for s in stats),
+      "dead_letter": dead})
+
+
+def check_inputs(args):
+  """Loads the manifests and the teacher; one clear error for each mismatch."""
+  source = files.read_manifest(args.source, "--source")
+  if not tf.io.gfile.exists(args.teacher):
+    raise InputPathError(f"--teacher {args.teacher} does not exist")
+  try:
+    teacher = transforms.load_teacher(args.teacher)
+  except Exception as e:  # any load failure is the user's file, not our bug
+    raise InputPathError(f"--teacher {args.teacher} cannot be loaded as a .keras model or "
+                         f"SavedModel: {str(e).splitlines()[0][:200]}") from None
+  resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
+  classes = transforms.teacher_output_classes(teacher, resolution)
+  if source["num_classes"] and classes != source["num_classes"]:
+    raise ConfigError(f"teacher {args.teacher} outputs {classes} classes but source "
+                      f"{args.source} has {source['num_classes']}; use a teacher trained on "
+                      "these classes")
+  selection = None
+  if args.selection:
+    selection = files.read_manifest(args.selection, "--selection")
+    if selection["source_shards"] != source["shards"]:
+      raise ConfigError(f"--selection {args.selection} was made from other source shards than "
+                        f"--source {args.source}; pass the corpus it was selected from")
+  return source, resolution, classes, selection
+
+
+def build_pipeline(p, args, tmp, source, resolution, classes):
+  shards = [os.path.join(args.source, s["path"]) for s in source["shards"]]
+  tasks = make_tasks(shards, args.replica_offset, args.replicas, args.replicas_per_task)
+  task_list = p | "Tasks" >> beam.Create(tasks)
+  if args.selection:
+    rows = (p
+            | "ReadSelection" >> beam.io.ReadFromText(
+                os.path.join(args.selection, "selection-*.jsonl"))
+            | "SelectionByShard" >> beam.Map(_selection_by_shard))
+    work = ({"tasks": task_list | "TasksByShard" >> beam.Map(lambda t: (t[0], t)),
+             "selection": rows}
+            | "JoinSelection" >> beam.CoGroupByKey()
+            | "AttachSelection" >> beam.FlatMap(_attach_selection))
+  else:
+    work = task_list | "NoSelection" >> beam.Map(lambda t: (t, None))
+  batches = (work
+             | "Spread" >> beam.Reshuffle()
+             | "Augment" >> beam.ParDo(AugmentTask(args.recipe, resolution, args.teacher_input,
+                                                   args.batch_size, len(shards))))
+  made = (batches
+          | "Teacher" >> RunInference(transforms.teacher_handler(args.teacher))
+          | "MakeRecords" >> beam.ParDo(MakeRecords(args.recipe, args.teacher_outputs,
+                                                    args.top_k, classes)).with_outputs(
+                                                        transforms.DEAD_LETTER, main="records"))
+  dead = made[transforms.DEAD_LETTER] | "WriteDeadLetters" >> transforms.WriteSortedJsonLines(
+      os.path.join(tmp, "dead_letter.jsonl"))
+  info = {
+      "format": FORMAT, "recipe": args.recipe,
+      "recipe_spec": {k: v for k, v in vars(augment.RECIPES[args.recipe]).items()},
+      "replicas": args.replicas, "replica_offset": args.replica_offset,
+      "source": os.path.abspath(args.source) if "://" not in args.source else args.source,
+      "selection": args.selection, "teacher": args.teacher, "resolution": resolution,
+      "teacher_input": args.teacher_input, "teacher_outputs": args.teacher_outputs,
+      "top_k": args.top_k, "num_classes": classes, "num_source_shards": len(shards),
+  }
+  _ = (made.records
+       | "WriteRecords" >> transforms.WriteSortedShards(tmp)
+       | "CollectStats" >> beam.combiners.ToList()
+       | "WriteManifest" >> beam.Map(_write_manifest, tmp, beam.pvalue.AsSingleton(dead), info))
+
+
+def run(argv=None, pipeline=None) -> dict:
+  """Runs the distillation-dataset job; returns its manifest."""
+  args, beam_args = parse_args(argv)
+  source, resolution, classes, _ = check_inputs(args)
+  tmp = files.staging_dir(args.out, args.overwrite)
+  logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
+               args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
+               classes, args.out)
+  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+  try:
+    with p:
+      build_pipeline(p, args, tmp, source, resolution, classes)
+  except BaseException:
+    tf.io.gfile.rmtree(tmp)
+    raise
+  files.commit(tmp, args.out)
+  manifest = files.read_manifest(args.out, "--out")
+  logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,
+               manifest["num_records"], len(manifest["files"]), manifest["dead_letter"],
+               args.out)
+  return manifest
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  with exit_on_user_error("data_prep.distill"):
+    run(argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,96 @@
+"""File and output plumbing shared by the Beam jobs: staged outputs, TFRecord files, manifests.
+
+Every job writes into `<out>.tmp/` and `commit()` moves it to `<out>/` only after the pipeline
+finished, with `manifest.json` moved last: a folder with a manifest is complete, anything else
+is not. Paths go through `tf.io.gfile`, so local folders and `gs://` buckets work alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from mnv4_train.errors import InputPathError, UserError
+
+MANIFEST = "manifest.json"
+
+
+class OutputExistsError(UserError):
+  """The output folder is already complete."""
+
+
+def staging_dir(out: str, overwrite: bool) -> str:
+  """Checks `out` can be written and returns a fresh `<out>.tmp` folder to write into."""
+  out = out.rstrip("/")
+  if tf.io.gfile.exists(os.path.join(out, MANIFEST)) and not overwrite:
+    raise OutputExistsError(f"{out} already holds a finished output; pass --overwrite to "
+                            "rebuild it or choose another --out")
+  tmp = out + ".tmp"
+  if tf.io.gfile.exists(tmp):
+    tf.io.gfile.rmtree(tmp)  # a previous run that did not finish
+  try:
+    tf.io.gfile.makedirs(tmp)
+  except (tf.errors.OpError, OSError) as e:
+    raise InputPathError(f"cannot create {tmp}: {e}; check --out and its permissions") from None
+  return tmp
+
+
+def commit(tmp: str, out: str) -> None:
+  """Moves a finished staging folder to `out`, manifest last (atomic rename when local)."""
+  out = out.rstrip("/")
+  if tf.io.gfile.exists(out):
+    tf.io.gfile.rmtree(out)
+  if "://" not in out:
+    os.replace(tmp, out)
+    return
+  files = sorted(tf.io.gfile.walk(tmp))
+  manifest = None
+  for folder, _, names in files:
+    for name in names:
+      src = os.path.join(folder, name)
+      dst = os.path.join(out, os.path.relpath(src, tmp))
+      if name == MANIFEST and folder.rstrip("/") == tmp:
+        manifest = (src, dst)
+        continue
+      tf.io.gfile.makedirs(os.path.dirname(dst))
+      tf.io.gfile.rename(src, dst, overwrite=True)
+  if manifest:
+    tf.io.gfile.rename(*manifest, overwrite=True)
+  tf.io.gfile.rmtree(tmp)
+
+
+def write_tfrecords(path: str, records) -> int:
+  """Writes serialized records to one TFRecord file; returns how many."""
+  n = 0
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+      n += 1
+  return n
+
+
+def read_tfrecords(path: str):
+  """Yields the serialized records of one TFRecord file, in order."""
+  for record in tf.data.TFRecordDataset(path):
+    yield record.numpy()
+
+
+def write_json(path: str, obj) -> None:
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: str, what: str) -> dict:
+  """The manifest of a finished stage output, or one clear error saying which flag is wrong."""
+  path = os.path.join(folder.rstrip("/"), MANIFEST)
+  if not tf.io.gfile.exists(path):
+    raise InputPathError(f"{what} {folder} is not a finished output (no {MANIFEST}); "
+                         "run the stage that builds it first")
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+  return f"{prefix}-{index:05d}-of-{count:05d}.tfrecord"

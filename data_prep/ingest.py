@@ -1,0 +1,308 @@
+"""Ingest: an ImageNet-style source -> sharded source TFRecords + manifest.json (data flow step 1).
+
+    python -m data_prep.ingest --images=DIR --out=DIR                      # class_name/*.jpg|png
+    python -m data_prep.ingest --tfds=imagenet2012 --tfds_data_dir=D --tfds_manual_dir=M --out=DIR
+    python -m data_prep.ingest --tfds_dir=PREPARED_DATASET_DIR --split=train --out=DIR
+    python -m data_prep.ingest --tfrecords='gs://b/train-*' --out=DIR [--label_offset=-1]
+    ... [--num_shards=N] [--overwrite] [standard Beam options: --runner, --direct_num_workers, ...]
+
+Each image is validated (decoded once) and stored once, as its original bytes, in a shard chosen
+by a stable hash of its id, sorted by id: the same inputs give byte-identical shards on any
+runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
+`dead_letter.jsonl`. The manifest holds class names, counts per class, shards and counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+
+import apache_beam as beam
+import tensorflow as tf
+from apache_beam.io import fileio
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from data_prep import files, transforms
+from mnv4_train.data import records
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+
+EXAMPLES_PER_SHARD = 1024
+FORMAT = "mnv4-source-shards/1"
+
+
+def parse_args(argv):
+  parser = ArgumentParser(prog="data_prep.ingest", description=__doc__.split("\n")[0])
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="image folder laid out class_name/image.(jpg|png)")
+  source.add_argument("--tfds", help="TFDS dataset name (e.g. imagenet2012), prepared or with "
+                      "--tfds_manual_dir")
+  source.add_argument("--tfds_dir", help="folder of an already prepared TFDS dataset version")
+  source.add_argument("--tfrecords", help="glob of TFRecord files of tf.train.Example")
+  parser.add_argument("--out", required=True, help="output folder (local or gs://)")
+  parser.add_argument("--split", default="train", help="TFDS split (default train)")
+  parser.add_argument("--tfds_data_dir", default=None)
+  parser.add_argument("--tfds_manual_dir", default=None)
+  parser.add_argument("--image_key", default=None,
+                      help="feature holding the encoded image (default: image/encoded for "
+                      "TFRecords, image for TFDS)")
+  parser.add_argument("--label_key", default=None,
+                      help="feature holding the label (default: image/class/label, label)")
+  parser.add_argument("--id_key", default="image/source_id",
+                      help="TFRecord feature with a stable id; a content hash when absent")
+  parser.add_argument("--label_offset", type=int, default=0,
+                      help="added to TFRecord labels (-1 for 1-based ImageNet TFRecords)")
+  parser.add_argument("--class_names", default=None,
+                      help="text file, one class name per line (TFRecord sources)")
+  parser.add_argument("--num_shards", type=int, default=0,
+                      help=f"output shards (default: one per {EXAMPLES_PER_SHARD} images)")
+  parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  args, beam_args = parser.parse_known_args(argv)
+  if args.num_shards < 0:
+    parser.error(f"--num_shards must be >= 0, got {args.num_shards}")
+  return args, beam_args
+
+
+# ---- sources ----------------------------------------------------------------------------------
+
+def image_folder_classes(root: str) -> list[str]:
+  """Class names of an image folder: its subfolders, sorted."""
+  if not tf.io.gfile.isdir(root):
+    raise InputPathError(f"--images {root} is not a folder; give a folder of class_name/ "
+                         "subfolders holding the images")
+  names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(root)
+                 if tf.io.gfile.isdir(os.path.join(root, n)))
+  if not names:
+    raise InputPathError(f"--images {root} has no class subfolders; lay it out as "
+                         "class_name/image.jpg")
+  return names
+
+
+class _FolderExample(beam.DoFn):
+  """A matched file -> dict(id=class/file, encoded, label)."""
+
+  def __init__(self, root, class_index):
+    self.root = root.rstrip("/")
+    self.class_index = class_index
+
+  def process(self, readable):
+    path = readable.metadata.path
+    rel = os.path.relpath(path, self.root)
+    class_name = rel.split(os.sep)[0]
+    if class_name not in self.class_index:
+      return
+    yield {"id": rel, "encoded": readable.read(), "label": self.class_index[class_name]}
+
+
+class ReadImageFolder(beam.PTransform):
+  def __init__(self, root, class_names):
+    super().__init__()
+    self.root = root.rstrip("/")
+    self.class_index = {name: i for i, name in enumerate(class_names)}
+
+  def expand(self, p):
+    return (p
+            | "Match" >> fileio.MatchFiles(f"{self.root}/*/*")
+            | "ReadMatches" >> fileio.ReadMatches()
+            | "ToExample" >> beam.ParDo(_FolderExample(self.root, self.class_index)))
+
+
+def _tfds_builder(args):
+  import tensorflow_datasets as tfds
+  try:
+    if args.tfds_dir:
+      return tfds.builder_from_directory(args.tfds_dir)
+    builder = tfds.builder(args.tfds, data_dir=args.tfds_data_dir)
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      if not args.tfds_manual_dir:
+        raise InputPathError(f"TFDS dataset {args.tfds} is not prepared in {builder.data_dir}; "
+                             "pass --tfds_manual_dir with its downloaded files")
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=args.tfds_manual_dir))
+    return builder
+  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
+    raise InputPathError(f"cannot open the TFDS dataset: {str(e).splitlines()[0]}") from None
+
+
+class _TfdsExample(beam.DoFn):
+
+  def __init__(self, image_key, label_key):
+    self.image_key = image_key
+    self.label_key = label_key
+
+  def process(self, ex):
+    ex = {k: v.numpy() if hasattr(v, "numpy") else v for k, v in ex.items()}
+    name = ex.get("file_name", b"") or ex["tfds_id"]
+    yield {"id": name.decode() if isinstance(name, bytes) else str(name),
+           "encoded": bytes(ex[self.image_key]),
+           "label": int(ex[self.label_key]) if self.label_key in ex else -1}
+
+
+class _TFRecordExample(beam.DoFn):
+
+  def __init__(self, image_key, label_key, id_key, label_offset):
+    self.image_key, self.label_key, self.id_key = image_key, label_key, id_key
+    self.label_offset = label_offset
+    self.bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "records_without_image")
+
+  def process(self, serialized):
+    f = tf.train.Example.FromString(serialized).features.feature
+    if self.image_key not in f or not f[self.image_key].bytes_list.value:
+      self.bad.inc()
+      digest = hashlib.sha1(serialized).hexdigest()
+      yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER,
+                                     {"id": f"sha1:{digest}", "error": f"no {self.image_key}"})
+      return
+    if self.id_key in f and f[self.id_key].bytes_list.value:
+      example_id = f[self.id_key].bytes_list.value[0].decode("utf-8", "surrogateescape")
+    else:
+      example_id = "sha1:" + hashlib.sha1(serialized).hexdigest()
+    label = -1
+    if self.label_key in f and f[self.label_key].int64_list.value:
+      label = int(f[self.label_key].int64_list.value[0]) + self.label_offset
+    yield {"id": example_id, "encoded": f[self.image_key].bytes_list.value[0], "label": label}
+
+
+def read_source(p, args):
+  """The chosen source as (examples, dead letters, class names or None, source description)."""
+  empty = p | "NoDeadLetters" >> beam.Create([])
+  if args.images:
+    names = image_folder_classes(args.images)
+    return (p | "ReadImageFolder" >> ReadImageFolder(args.images, names), empty, names,
+            {"kind": "image_folder", "path": args.images})
+  if args.tfds or args.tfds_dir:
+    import tensorflow_datasets as tfds
+    builder = _tfds_builder(args)
+    image_key, label_key = args.image_key or "image", args.label_key or "label"
+    features = builder.info.features
+    label_feature = features[label_key] if label_key in features.keys() else None
+    names = list(getattr(label_feature, "names", None) or []) or None
+    if args.split not in builder.info.splits:
+      raise ConfigError(f"TFDS dataset {builder.name} has no split {args.split!r}; it has: "
+                        f"{', '.join(sorted(builder.info.splits))}")
+    examples = (p
+                | "ReadTFDS" >> tfds.beam.ReadFromTFDS(
+                    builder, split=args.split,
+                    decoders={image_key: tfds.decode.SkipDecoding()},
+                    read_config=tfds.ReadConfig(add_tfds_id=True))
+                | "ToExample" >> beam.ParDo(_TfdsExample(image_key, label_key)))
+    return examples, empty, names, {"kind": "tfds", "name": builder.name,
+                                    "version": str(builder.version), "split": args.split}
+  if not tf.io.gfile.glob(args.tfrecords):
+    raise InputPathError(f"--tfrecords {args.tfrecords} matches no file")
+  names = None
+  if args.class_names:
+    if not tf.io.gfile.exists(args.class_names):
+      raise InputPathError(f"--class_names {args.class_names} does not exist")
+    with tf.io.gfile.GFile(args.class_names) as f:
+      names = [line.strip() for line in f if line.strip()]
+  parsed = (p
+            | "ReadTFRecords" >> beam.io.ReadFromTFRecord(args.tfrecords)
+            | "ToExample" >> beam.ParDo(_TFRecordExample(
+                args.image_key or "image/encoded", args.label_key or "image/class/label",
+                args.id_key, args.label_offset)).with_outputs(
+                    transforms.DEAD_LETTER, main="examples"))
+  return (parsed.examples, parsed[transforms.DEAD_LETTER], names,
+          {"kind": "tfrecords", "glob": args.tfrecords})
+
+
+# ---- the pipeline -----------------------------------------------------------------------------
+
+class _AssignShard(beam.DoFn):
+  """example -> (shard file name, (id, serialized source Example)); shard = stable hash of id."""
+
+  def process(self, ex, num_shards):
+    shard = transforms.stable_hash(ex["id"]) % num_shards
+    record = records.source_example(ex["id"], ex["encoded"], ex["label"], ex["height"],
+                                    ex["width"], ex["format"])
+    yield files.shard_name("shard", shard, num_shards), (ex["id"], record)
+
+
+def _num_shards(count, requested):
+  return requested or max(1, math.ceil(count / EXAMPLES_PER_SHARD))
+
+
+def _write_manifest(stats, folder, num_shards, label_counts, dead, class_names, source):
+  by_name = {s["path"]: s["count"] for s in stats}
+  shards = []
+  for i in range(num_shards):  # shards no example hashed into still exist, empty
+    name = files.shard_name("shard", i, num_shards)
+    if name not in by_name:
+      files.write_tfrecords(os.path.join(folder, name), [])
+    shards.append({"path": name, "count": by_name.get(name, 0)})
+  counts = dict(label_counts)
+  labelled = [k for k in counts if k >= 0]
+  if class_names is None and labelled:
+    class_names = [str(i) for i in range(max(labelled) + 1)]
+  class_names = class_names or []
+  manifest = {
+      "format": FORMAT,
+      "source": source,
+      "num_examples": sum(by_name.values()),
+      "num_classes": len(class_names),
+      "class_names": class_names,
+      "counts_per_class": [counts.get(i, 0) for i in range(len(class_names))],
+      "unlabeled": counts.get(-1, 0),
+      "shards": shards,
+      "dead_letter": dead,
+  }
+  files.write_json(os.path.join(folder, files.MANIFEST), manifest)
+  return manifest
+
+
+def build_pipeline(p, args, tmp):
+  examples, early_dead, class_names, source = read_source(p, args)
+  checked = examples | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
+      transforms.DEAD_LETTER, main="images")
+  images = checked.images
+  dead = ((checked[transforms.DEAD_LETTER], early_dead) | "AllDeadLetters" >> beam.Flatten())
+  dead_count = dead | "WriteDeadLetters" >> transforms.WriteSortedJsonLines(
+      os.path.join(tmp, "dead_letter.jsonl"))
+  num_shards = (images
+                | "Count" >> beam.combiners.Count.Globally()
+                | "NumShards" >> beam.Map(_num_shards, args.num_shards))
+  stats = (images
+           | "AssignShard" >> beam.ParDo(_AssignShard(), beam.pvalue.AsSingleton(num_shards))
+           | "WriteShards" >> transforms.WriteSortedShards(tmp))
+  label_counts = (images
+                  | "Labels" >> beam.Map(lambda ex: ex["label"])
+                  | "CountLabels" >> beam.combiners.Count.PerElement()
+                  | "LabelCounts" >> beam.combiners.ToList())
+  _ = (stats
+       | "CollectStats" >> beam.combiners.ToList()
+       | "WriteManifest" >> beam.Map(
+           _write_manifest, tmp, beam.pvalue.AsSingleton(num_shards),
+           beam.pvalue.AsSingleton(label_counts), beam.pvalue.AsSingleton(dead_count),
+           class_names, source))
+
+
+def run(argv=None, pipeline=None) -> dict:
+  """Runs the ingest job; returns the manifest. `pipeline` lets tests pass a TestPipeline."""
+  args, beam_args = parse_args(argv)
+  tmp = files.staging_dir(args.out, args.overwrite)
+  logging.info("ingest: writing %s (staging in %s)", args.out, tmp)
+  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+  try:
+    with p:
+      build_pipeline(p, args, tmp)
+  except BaseException:
+    tf.io.gfile.rmtree(tmp)  # nothing half-written is left behind
+    raise
+  files.commit(tmp, args.out)
+  manifest = files.read_manifest(args.out, "--out")
+  logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
+               manifest["num_examples"], manifest["num_classes"], len(manifest["shards"]),
+               manifest["dead_letter"], args.out)
+  return manifest
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  with exit_on_user_error("data_prep.ingest"):
+    run(argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,247 @@
+"""The class-balanced extra set (D3): score a corpus, keep confident images, balance classes.
+
+    python -m data_prep.select_d3 --corpus=SOURCE_SHARDS --classifier=relevance.keras \\
+        --out=DIR [--threshold=0.3] [--per_class=130000] [standard Beam options]
+
+The paper (section 8, after NoisyStudent): score every corpus image with a relevance classifier
+trained on ImageNet (an EfficientNet-B0), keep images whose top-class probability exceeds 0.3,
+take the top K per class by that probability (K = 130K), and replicate the images of rarer
+classes until each class has K. Only ids are written, never pixels:
+
+  selection-XXXXX-of-YYYYY.jsonl   one row per selected image, sorted by (class, rank):
+      {"class", "rank", "id", "score", "copies", "source_shard", "source_index"}
+  histogram.png, manifest.json      images kept per class before and after replication
+
+Classifier input: the central 87.5% crop resized to its resolution (`augment.center_crop`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from data_prep import files, transforms
+from mnv4_train.data import augment
+from mnv4_train.errors import ArgumentParser, InputPathError, exit_on_user_error
+
+FORMAT = "mnv4-d3-selection/1"
+CLASSES_PER_FILE = 64
+
+
+def parse_args(argv):
+  parser = ArgumentParser(prog="data_prep.select_d3", description=__doc__.split("\n")[0])
+  parser.add_argument("--corpus", required=True, help="source shards of the corpus (ingest)")
+  parser.add_argument("--classifier", required=True,
+                      help="relevance classifier: .keras file or SavedModel dir")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--threshold", type=float, default=0.3,
+                      help="keep images whose top-class probability exceeds this")
+  parser.add_argument("--per_class", type=int, default=130_000, help="K images per class")
+  parser.add_argument("--resolution", type=int, default=None,
+                      help="classifier input size (default: its fixed size, else 224)")
+  parser.add_argument("--classifier_input", default="minus_one_to_one",
+                      choices=sorted(transforms.INPUT_SCALES))
+  parser.add_argument("--classifier_outputs", default="logits",
+                      choices=["logits", "probabilities"])
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--overwrite", action="store_true")
+  args, beam_args = parser.parse_known_args(argv)
+  if not 0.0 <= args.threshold < 1.0:
+    parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
+  if args.per_class < 1 or args.batch_size < 1:
+    parser.error("--per_class and --batch_size must be >= 1")
+  return args, beam_args
+
+
+def replicate(rows, per_class: int):
+  """One class's kept images, best first -> (rank, row, copies) so copies sum to `per_class`.
+
+  Rows are (score, id, shard, position). A class with at least K images keeps its top K once
+  each; a rarer class repeats every image K // n times and the best K % n once more.
+  """
+  rows = sorted(rows, key=lambda r: (-r[0], r[1]))[:per_class]
+  n = len(rows)
+  base, extra = divmod(per_class, n)
+  return [(rank, row, base + (rank < extra)) for rank, row in enumerate(rows)]
+
+
+class ScoreInputs(beam.DoFn):
+  """A source shard -> (keys, image batch): central crops at the classifier's resolution."""
+
+  def __init__(self, resolution, input_scale, batch_size):
+    self.resolution = resolution
+    self.input_scale = input_scale
+    self.batch_size = batch_size
+
+  def setup(self):
+    self._prepare = tf.function(
+        lambda data: augment.center_crop(augment.decode(data), self.resolution),
+        reduce_retracing=True)
+
+  def process(self, task):
+    shard, path = task
+    scale, offset = transforms.INPUT_SCALES[self.input_scale]
+    keys, batch = [], []
+    for position, ex in enumerate(transforms.read_shard(path)):
+      keys.append((ex["id"], shard, position))
+      batch.append(self._prepare(ex["encoded"]) * scale + offset)
+      if len(batch) == self.batch_size:
+        yield keys, tf.stack(batch)
+        keys, batch = [], []
+    if batch:
+      yield keys, tf.stack(batch)
+
+
+class TopClass(beam.DoFn):
+  """Classifier outputs -> (class, (score, id, shard, position)) above the threshold."""
+
+  def __init__(self, threshold, outputs):
+    self.threshold = threshold
+    self.outputs = outputs
+    self.scored = beam.metrics.Metrics.counter(transforms.NAMESPACE, "images_scored")
+    self.dropped = beam.metrics.Metrics.counter(transforms.NAMESPACE, "below_threshold")
+
+  def process(self, element):
+    keys, result = element
+    out = np.asarray(result.inference, np.float64)
+    if self.outputs == "logits":
+      out = np.exp(out - out.max(axis=-1, keepdims=True))
+      out /= out.sum(axis=-1, keepdims=True)
+    for (example_id, shard, position), probs in zip(keys, out):
+      self.scored.inc()
+      cls = int(np.argmax(probs))
+      score = float(probs[cls])
+      if score > self.threshold:
+        yield cls, (round(score, 6), example_id, shard, position)
+      else:
+        self.dropped.inc()
+
+
+class Replicate(beam.DoFn):
+  """(class, kept rows) -> (file, (sort key, JSON row)) for each chosen image, with copies."""
+
+  def __init__(self, per_class, num_files):
+    self.per_class = per_class
+    self.num_files = num_files
+
+  def process(self, element):
+    cls, rows = element
+    chosen = replicate(list(rows), self.per_class)
+    name = f"selection-{cls % self.num_files:05d}-of-{self.num_files:05d}.jsonl"
+    for rank, (score, example_id, shard, position), copies in chosen:
+      row = {"class": cls, "rank": rank, "id": example_id, "score": score, "copies": copies,
+             "source_shard": shard, "source_index": position}
+      yield name, ((cls, rank), json.dumps(row, sort_keys=True))
+
+
+def _distinct_kept(element, per_class):
+  cls, rows = element
+  return cls, min(len(list(rows)), per_class)
+
+
+def _write_outputs(stats, folder, info, kept_count, per_class, num_classes):
+  kept = dict(stats)
+  unique = [kept.get(c, 0) for c in range(num_classes)]
+  total = [per_class if n else 0 for n in unique]
+  files.write_json(os.path.join(folder, files.MANIFEST), {
+      **info, "selected_unique_per_class": unique, "selected_total_per_class": total,
+      "num_selected_unique": sum(unique), "num_selected_total": sum(total),
+      "empty_classes": [c for c, n in enumerate(unique) if n == 0],
+      "num_above_threshold": kept_count})
+  plot_histogram(unique, per_class, os.path.join(folder, "histogram.png"))
+
+
+def plot_histogram(unique, per_class, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  order = np.argsort(unique)[::-1]
+  fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+  ax.bar(np.arange(len(unique)), np.asarray(unique)[order], width=1.0, color="#4477aa",
+         label="distinct images kept")
+  ax.axhline(per_class, color="#cc3311", lw=1.5, label=f"K = {per_class} after replication")
+  ax.set_xlabel("class (sorted by images kept)")
+  ax.set_ylabel("images")
+  ax.set_title("D3 class balance")
+  ax.legend(loc="upper right", fontsize=8)
+  fig.tight_layout()
+  with tf.io.gfile.GFile(path, "wb") as f:
+    fig.savefig(f, format="png")
+  plt.close(fig)
+
+
+def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
+  shards = [(i, os.path.join(args.corpus, s["path"])) for i, s in enumerate(corpus["shards"])]
+  num_files = max(1, math.ceil(num_classes / CLASSES_PER_FILE))
+  scored = (p
+            | "Shards" >> beam.Create(shards)
+            | "Spread" >> beam.Reshuffle()
+            | "Prepare" >> beam.ParDo(ScoreInputs(resolution, args.classifier_input,
+                                                  args.batch_size))
+            | "Classifier" >> RunInference(transforms.teacher_handler(args.classifier))
+            | "TopClass" >> beam.ParDo(TopClass(args.threshold, args.classifier_outputs)))
+  by_class = scored | "GroupByClass" >> beam.GroupByKey()
+  _ = (by_class
+       | "Replicate" >> beam.ParDo(Replicate(args.per_class, num_files))
+       | "WriteSelection" >> transforms.WriteSortedShards(tmp))
+  kept_count = (scored | "CountKept" >> beam.combiners.Count.Globally())
+  info = {"format": FORMAT, "corpus": args.corpus, "classifier": args.classifier,
+          "threshold": args.threshold, "per_class": args.per_class, "resolution": resolution,
+          "num_classes": num_classes, "source_shards": corpus["shards"],
+          "num_files": num_files}
+  _ = (by_class
+       | "KeptPerClass" >> beam.Map(_distinct_kept, args.per_class)
+       | "CollectStats" >> beam.combiners.ToList()
+       | "WriteManifest" >> beam.Map(_write_outputs, tmp, info,
+                                     beam.pvalue.AsSingleton(kept_count), args.per_class,
+                                     num_classes))
+
+
+def run(argv=None, pipeline=None) -> dict:
+  args, beam_args = parse_args(argv)
+  corpus = files.read_manifest(args.corpus, "--corpus")
+  if not tf.io.gfile.exists(args.classifier):
+    raise InputPathError(f"--classifier {args.classifier} does not exist")
+  try:
+    classifier = transforms.load_teacher(args.classifier)
+  except Exception as e:  # the user's file
+    raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+  resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
+  num_classes = transforms.teacher_output_classes(classifier, resolution)
+  tmp = files.staging_dir(args.out, args.overwrite)
+  logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
+               corpus["num_examples"], args.threshold, args.per_class, num_classes, args.out)
+  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+  try:
+    with p:
+      build_pipeline(p, args, tmp, corpus, resolution, num_classes)
+  except BaseException:
+    tf.io.gfile.rmtree(tmp)
+    raise
+  files.commit(tmp, args.out)
+  manifest = files.read_manifest(args.out, "--out")
+  logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "
+               "%d empty classes -> %s", manifest["num_selected_unique"],
+               manifest["num_selected_total"], manifest["num_above_threshold"],
+               len(manifest["empty_classes"]), args.out)
+  return manifest
+
+
+def main(argv=None):
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  with exit_on_user_error("data_prep.select_d3"):
+    run(argv)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

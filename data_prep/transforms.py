@@ -1,0 +1,215 @@
+"""Beam transforms shared by the data_prep jobs.
+
+Small named DoFns and PTransforms: validating images (bad ones go to a dead-letter output and bump
+a counter), assigning deterministic shards, writing sorted shard files, reading source shards
+with their positions, and teacher inference through Beam's `RunInference`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.ml.inference import base as inference_base
+from apache_beam.ml.inference import tensorflow_inference as tf_inference
+
+from data_prep import files
+from mnv4_train.data import records
+
+DEAD_LETTER = "dead_letter"
+NAMESPACE = "mnv4"
+
+
+def stable_hash(text: str) -> int:
+  """A 64-bit hash that is the same on every machine and run (unlike Python's hash())."""
+  return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8],
+                        "little")
+
+
+# ---- validation -------------------------------------------------------------------------------
+
+class ValidateImage(beam.DoFn):
+  """Keeps examples whose bytes decode as an image; routes the rest to `dead_letter`.
+
+  In: dict(id, encoded, label, ...). Out: the same dict with height, width and format set.
+  Dead letters are dict(id, error).
+  """
+
+  def __init__(self):
+    self.good = beam.metrics.Metrics.counter(NAMESPACE, "images_ok")
+    self.bad = beam.metrics.Metrics.counter(NAMESPACE, "images_corrupt")
+
+  def process(self, example):
+    fmt = records.image_format(example["encoded"])
+    error = None if fmt else "not a JPEG, PNG, GIF or BMP file"
+    if fmt:
+      try:
+        shape = tf.io.decode_image(example["encoded"], channels=3,
+                                   expand_animations=False).shape
+        if shape[0] == 0 or shape[1] == 0:
+          error = "empty image"
+      except tf.errors.OpError as e:
+        error = f"cannot decode: {_op_error_text(e)}"
+    if error:
+      self.bad.inc()
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": example["id"], "error": error})
+      return
+    self.good.inc()
+    yield {**example, "height": int(shape[0]), "width": int(shape[1]), "format": fmt}
+
+
+def _op_error_text(error: tf.errors.OpError) -> str:
+  """The readable part of a TensorFlow op error (no function-node prefix or op suffix)."""
+  text = (error.message or type(error).__name__).splitlines()[0]
+  text = text.split("}} ", 1)[-1]
+  return text.split(" [Op:", 1)[0].strip()
+
+
+# ---- sharded, sorted, deterministic output ----------------------------------------------------
+
+class WriteSortedShards(beam.PTransform):
+  """(file name, (sort key, serialized record)) -> one sorted file per name.
+
+  Files ending in `.jsonl` get one record (a str) per line; any other name is a TFRecord file.
+
+  Beam's WriteToTFRecord spreads records over shards and orders them as bundles arrive, so two
+  runs write different bytes; grouping by file and sorting gives byte-identical files. The file
+  name is relative to `folder`. Emits dict(path, count) per written file.
+  """
+
+  def __init__(self, folder: str, label=None):
+    super().__init__(label)
+    self.folder = folder
+
+  def expand(self, keyed):
+    return (keyed
+            | "GroupByFile" >> beam.GroupByKey()
+            | "WriteFile" >> beam.ParDo(_WriteShardFile(self.folder)))
+
+
+class _WriteShardFile(beam.DoFn):
+
+  def __init__(self, folder):
+    self.folder = folder
+    self.written = beam.metrics.Metrics.counter(NAMESPACE, "records_written")
+
+  def process(self, element):
+    name, items = element
+    path = os.path.join(self.folder, name)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    ordered = (record for _, record in sorted(items, key=lambda kv: kv[0]))
+    if name.endswith(".jsonl"):
+      lines = list(ordered)
+      with tf.io.gfile.GFile(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+      n = len(lines)
+    else:
+      n = files.write_tfrecords(path, ordered)
+    self.written.inc(n)
+    yield {"path": name, "count": n}
+
+
+class WriteSortedJsonLines(beam.PTransform):
+  """Small collections (dead letters, selections per class) -> one sorted JSON-lines file."""
+
+  def __init__(self, path: str, label=None):
+    super().__init__(label)
+    self.path = path
+
+  def expand(self, pcoll):
+    return (pcoll
+            | "ToList" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(_write_jsonl, self.path))
+
+
+def _write_jsonl(items, path):
+  lines = sorted(json.dumps(item, sort_keys=True) for item in items)
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write("".join(line + "\n" for line in lines))
+  return len(lines)
+
+
+# ---- reading source shards --------------------------------------------------------------------
+
+def read_shard(path: str) -> list[dict]:
+  """All examples of one source shard, in file order (position = list index)."""
+  return [records.read_source_example(r) for r in files.read_tfrecords(path)]
+
+
+# ---- teacher inference ------------------------------------------------------------------------
+
+INPUT_SCALES = {
+    # name: (scale, offset) applied to [-1, 1] pixels
+    "minus_one_to_one": (1.0, 0.0),
+    "zero_to_one": (0.5, 0.5),
+    "zero_to_255": (127.5, 127.5),
+}
+
+
+def batched_inference_fn(model, batch, inference_args, model_id=None):
+  """RunInference's TF inference function for elements that are already batches.
+
+  The jobs batch upstream in a fixed order (RunInference's own batching follows bundle
+  boundaries, and a teacher's float output can differ in the last bit with batch composition),
+  so records are byte-identical run to run. The forward pass is compiled once per model, where
+  Beam's default calls the model eagerly on every batch.
+  """
+  fn = getattr(model, "_mnv4_serve", None)
+  if fn is None:
+    fn = model._mnv4_serve = _forward_fn(model)
+  return [inference_base.PredictionResult(x, np.asarray(fn(x))) for x in batch]
+
+
+def _forward_fn(model):
+  """images -> outputs for a Keras model or a SavedModel's serving signature."""
+  if hasattr(model, "predict"):
+    return tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+  signature = model.signatures["serving_default"]
+  return lambda x: next(iter(signature(x).values()))
+
+
+class TeacherHandler(tf_inference.TFModelHandlerTensor):
+  """RunInference handler for a teacher: a `.keras` file or a TensorFlow SavedModel folder.
+
+  Loads through `load_teacher`, so the MNv4 layers are registered in every worker process
+  (Beam's own loader calls keras without them), and SavedModels, which Keras 3 no longer
+  loads, go through `tf.saved_model.load`.
+  """
+
+  def load_model(self):
+    return load_teacher(self._model_uri)
+
+
+def teacher_handler(path: str):
+  """A keyed RunInference handler; elements are (key, batch tensor), one forward pass each."""
+  handler = TeacherHandler(model_uri=path, inference_fn=batched_inference_fn,
+                           min_batch_size=1, max_batch_size=1)
+  return inference_base.KeyedModelHandler(handler)
+
+
+def load_teacher(path: str):
+  """A `.keras` model (with the MNv4 layers registered) or a SavedModel."""
+  if tf.io.gfile.isdir(path):
+    return tf.saved_model.load(path)
+  import keras
+  import mnv4_train.models  # noqa: F401  (registers the MNv4 layers for loading)
+  return keras.saving.load_model(path, compile=False)
+
+
+def teacher_output_classes(model, resolution: int) -> int:
+  """The number of logits a teacher produces, by running it once on a blank image."""
+  out = _forward_fn(model)(tf.zeros((1, resolution, resolution, 3)))
+  return int(np.asarray(out).shape[-1])
+
+
+def teacher_resolution(model, default: int | None) -> int | None:
+  """A fixed input size from the teacher's input shape, else `default`."""
+  shape = getattr(model, "input_shape", None)
+  if shape and len(shape) == 4 and shape[1]:
+    return int(shape[1])
+  return default

@@ -1,0 +1,1 @@
+"""Data: record formats, replayable augmentation and the tf.data input pipeline."""

@@ -1,0 +1,234 @@
+"""Replayable augmentation: parameters drawn from a key, and one function that applies them.
+
+The distillation datasets (paper section 8) are records of augmentation *parameters* plus the
+teacher's logits, never augmented pixels. The Beam job (`data_prep/distill.py`) samples the
+parameters for each (recipe, replica, example id, copy) with stateless RNG, applies them and runs
+the teacher; the trainer reads the parameters back and calls the same `apply` on the same source
+image, so the student sees exactly the pixels the teacher saw.
+
+Image operations are the Model Garden's (`official.vision.ops.augment`, `preprocess_ops`). Its
+`RandAugment.distort` draws from the stateful RNG and its level-to-argument helpers flip signs
+at random, so here the op choice, sign and cutout position are sampled explicitly and the plain
+op functions are called with explicit arguments, using the Model Garden's level-to-argument
+formulas. `apply` is pure TensorFlow: it runs eagerly, inside `tf.function` and inside tf.data.
+
+Conventions: `decode` gives uint8 HWC RGB; `apply` returns float32 [res, res, 3] in [-1, 1].
+The Model Garden's translate (100 px) and cutout (40 px) constants are for 224 px images; they
+scale with the output resolution here, so a recipe means the same thing at 32 px and at 384 px.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import tensorflow as tf
+from official.vision.ops import augment as mg
+
+# The Model Garden's RandAugment op list, in its order; index len(RA_OPS) is its identity branch
+# (RandAugment draws from len(ops) + 1 choices).
+RA_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color",
+          "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY",
+          "Cutout", "SolarizeAdd")
+IDENTITY_OP = len(RA_OPS)
+MAX_RA_LAYERS = 3   # record schema width; unused layers hold IDENTITY_OP
+_MAX_LEVEL = 10.0
+_REPLACE = [128, 128, 128]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """One distillation dataset recipe (paper section 8)."""
+  name: str
+  ra_layers: int = 0
+  ra_magnitude: float = 0.0
+  mixup: bool = False
+  mixup_alpha: float = 1.0          # mixing ratio ~ Beta(alpha, alpha); 1.0 is uniform on [0, 1]
+  crop_area: tuple[float, float] = (0.08, 1.0)
+  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+  flip: bool = True
+  replicas: int = 1                 # the paper's replica count (a job may build fewer)
+
+  def __post_init__(self):
+    if not 0 <= self.ra_layers <= MAX_RA_LAYERS:
+      raise ValueError(f"{self.name}: ra_layers must be in [0, {MAX_RA_LAYERS}]")
+
+
+# D1: inception crop + RandAugment l2m9, 500 replicas. D2: inception crop + extreme mixup (ratio
+# uniform on [0, 1], the "patient and consistent" function-matching mixup), 1000 replicas.
+# D3: the class-balanced extra set, inception crop + RandAugment l2m5, 10 replicas.
+RECIPES = {
+    "d1": Recipe("d1", ra_layers=2, ra_magnitude=9.0, replicas=500),
+    "d2": Recipe("d2", mixup=True, mixup_alpha=1.0, replicas=1000),
+    "d3": Recipe("d3", ra_layers=2, ra_magnitude=5.0, replicas=10),
+}
+
+# Shapes and dtypes of a parameter set; records.py serialises exactly these.
+PARAM_SPEC = {
+    "crop": ((4,), tf.int32),                    # y, x, height, width in source pixels
+    "flip": ((), tf.int32),
+    "ra_op": ((MAX_RA_LAYERS,), tf.int32),
+    "ra_magnitude": ((MAX_RA_LAYERS,), tf.float32),
+    "ra_sign": ((MAX_RA_LAYERS,), tf.float32),
+    "ra_cutout": ((MAX_RA_LAYERS, 2), tf.float32),  # cutout centre (y, x) as fractions
+    "mix_ratio": ((), tf.float32),               # weight of this image; 1.0 = no mixing
+    "mix_crop": ((4,), tf.int32),                # the partner's crop and flip
+    "mix_flip": ((), tf.int32),
+}
+
+
+def key_seed(recipe: str, replica: int, example_id: str | bytes, copy: int = 0) -> tf.Tensor:
+  """The stateless RNG seed of one (recipe, replica, example, copy): stable across machines."""
+  if isinstance(example_id, bytes):
+    example_id = example_id.decode("utf-8", "surrogateescape")
+  digest = hashlib.sha256(f"{recipe}\x1f{replica}\x1f{copy}\x1f{example_id}".encode(
+      "utf-8", "surrogateescape")).digest()
+  a = int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
+  b = int.from_bytes(digest[8:16], "little") & 0x7FFFFFFFFFFFFFFF
+  return tf.constant([a, b], tf.int64)
+
+
+def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]."""
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _sample_crop(seed, image_shape, recipe: Recipe):
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_size=image_shape,
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=seed,
+      min_object_covered=recipe.crop_area[0],  # as the Model Garden's random_crop_image
+      aspect_ratio_range=recipe.crop_aspect,
+      area_range=recipe.crop_area,
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def _sample_flip(seed, recipe: Recipe):
+  if not recipe.flip:
+    return tf.constant(0, tf.int32)
+  return tf.cast(tf.random.stateless_uniform([], seed) < 0.5, tf.int32)
+
+
+def sample_partner(seed: tf.Tensor, position: int, shard_size: int) -> int:
+  """D2's mixup partner: another position of the same source shard (itself if alone)."""
+  if shard_size < 2:
+    return position
+  seed = tf.random.experimental.stateless_fold_in(seed, 7919)
+  other = int(tf.random.stateless_uniform([], seed, 0, shard_size - 1, dtype=tf.int32))
+  return other + (other >= position)
+
+
+def sample(recipe: Recipe, seed: tf.Tensor, image_shape, partner_shape=None) -> dict:
+  """Draws one parameter set for `recipe` from `seed`, for an image of `image_shape` (h, w, c).
+
+  `partner_shape` is the mixup partner's shape (recipes with mixup only).
+  """
+  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8)
+  n = recipe.ra_layers
+  pad = MAX_RA_LAYERS - n
+  ops = tf.random.stateless_uniform([n], seeds[2], 0, len(RA_OPS) + 1, dtype=tf.int32)
+  signs = tf.where(tf.random.stateless_uniform([n], seeds[3]) < 0.5, -1.0, 1.0)
+  cutout = tf.random.stateless_uniform([n, 2], seeds[4])
+  params = {
+      "crop": _sample_crop(seeds[0], image_shape, recipe),
+      "flip": _sample_flip(seeds[1], recipe),
+      "ra_op": tf.concat([ops, tf.fill([pad], IDENTITY_OP)], 0),
+      "ra_magnitude": tf.concat([tf.fill([n], float(recipe.ra_magnitude)), tf.zeros([pad])], 0),
+      "ra_sign": tf.concat([signs, tf.ones([pad])], 0),
+      "ra_cutout": tf.concat([cutout, tf.zeros([pad, 2])], 0),
+      "mix_ratio": tf.constant(1.0),
+      "mix_crop": tf.zeros([4], tf.int32),
+      "mix_flip": tf.constant(0, tf.int32),
+  }
+  if recipe.mixup:
+    if partner_shape is None:
+      raise ValueError(f"recipe {recipe.name} mixes images: give the partner's shape")
+    alpha = recipe.mixup_alpha
+    g1 = tf.random.stateless_gamma([], seeds[5], alpha=alpha)
+    g2 = tf.random.stateless_gamma([], seeds[6], alpha=alpha)
+    params["mix_ratio"] = g1 / (g1 + g2)
+    params["mix_crop"] = _sample_crop(seeds[7], partner_shape, recipe)
+    params["mix_flip"] = _sample_flip(tf.random.experimental.stateless_fold_in(seeds[7], 1),
+                                      recipe)
+  return {k: tf.cast(v, PARAM_SPEC[k][1]) for k, v in params.items()}
+
+
+def _crop_resize_flip(image, crop, flip, resolution):
+  image = tf.image.crop_to_bounding_box(image, crop[0], crop[1], crop[2], crop[3])
+  image = tf.image.resize(image, [resolution, resolution], method="bilinear")
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+  return tf.cond(flip > 0, lambda: tf.image.flip_left_right(image), lambda: image)
+
+
+def _ra_branches(image, magnitude, sign, cutout, resolution):
+  """One callable per RA_OPS entry (+ identity), with the Model Garden's level-to-arg maps."""
+  level = magnitude / _MAX_LEVEL
+  scale = resolution / 224.0
+  enhance = level * 1.8 + 0.1
+  translate = level * 100.0 * scale * sign
+  cutout_half = tf.cast(level * 40.0 * scale, tf.int32)
+  size = tf.cast(resolution, tf.float32)
+  cy = tf.cast(cutout[0] * size, tf.int32)
+  cx = tf.cast(cutout[1] * size, tf.int32)
+  as_uint8 = lambda top: tf.cast(tf.minimum(tf.cast(level * top, tf.int32), 255), tf.uint8)
+  table = {
+      "AutoContrast": lambda: mg.autocontrast(image),
+      "Equalize": lambda: mg.equalize(image),
+      "Invert": lambda: mg.invert(image),
+      "Rotate": lambda: mg.wrapped_rotate(image, level * 30.0 * sign, _REPLACE),
+      "Posterize": lambda: mg.posterize(image, as_uint8(4)),
+      "Solarize": lambda: mg.solarize(image, as_uint8(256)),
+      "Color": lambda: mg.color(image, enhance),
+      "Contrast": lambda: mg.contrast(image, enhance),
+      "Brightness": lambda: mg.brightness(image, enhance),
+      "Sharpness": lambda: mg.sharpness(image, enhance),
+      "ShearX": lambda: mg.shear_x(image, level * 0.3 * sign, _REPLACE),
+      "ShearY": lambda: mg.shear_y(image, level * 0.3 * sign, _REPLACE),
+      "TranslateX": lambda: mg.translate_x(image, translate, _REPLACE),
+      "TranslateY": lambda: mg.translate_y(image, translate, _REPLACE),
+      # mg.cutout draws its own centre; its rectangle filler takes an explicit one.
+      "Cutout": lambda: mg._fill_rectangle(image, cx, cy, cutout_half, cutout_half, _REPLACE),  # pylint: disable=protected-access
+      "SolarizeAdd": lambda: mg.solarize_add(image, tf.cast(level * 110.0, tf.int64), 128),
+  }
+  return [table[name] for name in RA_OPS] + [lambda: tf.identity(image)]
+
+
+def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None):
+  """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
+
+  `partner` is the decoded mixup partner (recipes with mixup); without it the mix is skipped.
+  Run it eagerly or inside a tf.data map, as the Beam job and the trainer do: a `tf.function`
+  graph optimiser may reorder float arithmetic, and the Model Garden's ops truncate floats to
+  uint8, so a pixel can come out one grey level off.
+  """
+  out = _crop_resize_flip(image, params["crop"], params["flip"], resolution)
+  for i in range(MAX_RA_LAYERS):
+    out = tf.switch_case(
+        params["ra_op"][i],
+        _ra_branches(out, params["ra_magnitude"][i], params["ra_sign"][i],
+                     params["ra_cutout"][i], resolution))
+    out.set_shape([resolution, resolution, 3])
+  out = tf.cast(out, tf.float32)
+  if partner is not None:
+    other = tf.cast(_crop_resize_flip(partner, params["mix_crop"], params["mix_flip"],
+                                      resolution), tf.float32)
+    ratio = params["mix_ratio"]
+    out = ratio * out + (1.0 - ratio) * other
+  return out / 127.5 - 1.0
+
+
+def center_crop(image: tf.Tensor, resolution: int, fraction: float = 0.875) -> tf.Tensor:
+  """Evaluation preprocessing: central crop of `fraction` of the short side, resized; [-1, 1]."""
+  shape = tf.shape(image)
+  side = tf.cast(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * fraction, tf.int32)
+  side = tf.maximum(side, 1)
+  y = (shape[0] - side) // 2
+  x = (shape[1] - side) // 2
+  crop = tf.stack([y, x, side, side])
+  out = _crop_resize_flip(image, crop, tf.constant(0), resolution)
+  return tf.cast(out, tf.float32) / 127.5 - 1.0

@@ -1,0 +1,66 @@
+"""Shared fixtures: real digits images, their source shards and a small trained teacher."""
+
+import os
+
+# As our CLIs do (mnv4_train/__init__.py); set first, because importing jax sets it to 1 and
+# the CLI subprocesses the tests start inherit this environment.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from data_prep.digits import write_digits_folder  # noqa: E402
+
+CORRUPT_FILES = {
+    "3/broken.jpg": b"\xff\xd8\xff\xe0 this is not really a jpeg",
+    "5/truncated.png": b"\x89PNG\r\n\x1a\n\x00\x00",
+    "7/notes.txt": b"not an image at all",
+}
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+  """200 real digit images (20 per class, 32 px PNG) plus three corrupt files."""
+  root = str(tmp_path_factory.mktemp("digits"))
+  written = write_digits_folder(root, per_class=20)
+  for rel, data in CORRUPT_FILES.items():
+    with open(os.path.join(root, rel), "wb") as f:
+      f.write(data)
+  return root, written
+
+
+@pytest.fixture(scope="session")
+def source_shards(digits_folder, tmp_path_factory):
+  from data_prep import ingest
+  out = str(tmp_path_factory.mktemp("sources") / "digits")
+  manifest = ingest.run([f"--images={digits_folder[0]}", f"--out={out}", "--num_shards=2"])
+  return out, manifest
+
+
+def load_source_arrays(folder, resolution=32):
+  """All images of a source shards folder, center-cropped, with labels and ids."""
+  from mnv4_train.data import augment, records
+  ds = tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(os.path.join(folder, "shard-*"))))
+  xs, ys, ids = [], [], []
+  for ex in ds.map(records.parse_source):
+    xs.append(augment.center_crop(augment.decode(ex["image/encoded"]), resolution, 1.0).numpy())
+    ys.append(int(ex["image/label"]))
+    ids.append(ex["image/id"].numpy().decode())
+  return np.stack(xs), np.array(ys), ids
+
+
+@pytest.fixture(scope="session")
+def teacher_path(source_shards, tmp_path_factory):
+  """A tiny MNv4-Conv-S trained for a few seconds on the digits shards (fixed 32 px input)."""
+  from mnv4_train import models
+  xs, ys, _ = load_source_arrays(source_shards[0])
+  keras.utils.set_random_seed(0)
+  model = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.9, resolution=32)
+  model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.fit(xs, ys, epochs=12, batch_size=32, verbose=0)
+  path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
+  model.save(path)
+  return path

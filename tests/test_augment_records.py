@@ -1,0 +1,164 @@
+"""Replayable augmentation and the record formats."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from official.vision.ops import augment as mg
+
+from mnv4_train.data import augment as A
+from mnv4_train.data import records
+
+
+def _textured(h=48, w=64, seed=0):
+  rng = np.random.default_rng(seed)
+  base = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+  return tf.constant(np.clip(base + rng.normal(0, 30, (h, w, 3)), 0, 255).astype("uint8"))
+
+
+def _params(recipe="d1", replica=0, example_id="a", shape=(48, 64, 3)):
+  rec = A.RECIPES[recipe]
+  return A.sample(rec, A.key_seed(recipe, replica, example_id), shape,
+                  shape if rec.mixup else None)
+
+
+def _equal(a, b):
+  return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in A.PARAM_SPEC)
+
+
+def test_parameters_are_a_function_of_the_key():
+  assert _equal(_params(), _params())
+  assert not _equal(_params(replica=0), _params(replica=1))
+  assert not _equal(_params(example_id="a"), _params(example_id="b"))
+  assert not _equal(_params("d1"), _params("d3"))
+  seed_copy = A.key_seed("d3", 0, "a", copy=1)
+  assert not np.array_equal(seed_copy, A.key_seed("d3", 0, "a", copy=0))
+
+
+@pytest.mark.parametrize("recipe", sorted(A.RECIPES))
+def test_sampled_parameters_respect_the_recipe(recipe):
+  rec = A.RECIPES[recipe]
+  for replica in range(40):
+    p = _params(recipe, replica)
+    y, x, h, w = p["crop"].numpy()
+    assert 0 <= y and 0 <= x and y + h <= 48 and x + w <= 64
+    assert h * w >= 0.08 * 48 * 64 * 0.9  # area range (up to rounding)
+    ops = p["ra_op"].numpy()
+    assert np.all(ops[rec.ra_layers:] == A.IDENTITY_OP)
+    assert np.all((0 <= ops) & (ops <= A.IDENTITY_OP))
+    assert np.all(p["ra_magnitude"].numpy()[:rec.ra_layers] == rec.ra_magnitude)
+    assert set(np.unique(p["ra_sign"].numpy())) <= {-1.0, 1.0}
+    ratio = float(p["mix_ratio"])
+    assert (0.0 < ratio < 1.0) if rec.mixup else ratio == 1.0
+  # Over many keys every RandAugment branch (16 ops + identity) gets drawn.
+  if rec.ra_layers:
+    drawn = {int(op) for r in range(300) for op in _params(recipe, r)["ra_op"][:rec.ra_layers]}
+    assert drawn == set(range(A.IDENTITY_OP + 1))
+
+
+def test_apply_in_tf_data_replays_the_eager_pixels():
+  image = _textured()
+  params = [_params("d1", r) for r in range(6)]
+  eager = [A.apply(image, p, 40).numpy() for p in params]
+  ds = tf.data.Dataset.from_tensor_slices({k: tf.stack([p[k] for p in params]) for k in params[0]})
+  replayed = list(ds.map(lambda p: A.apply(image, p, 40)).as_numpy_iterator())
+  for a, b in zip(eager, replayed):
+    assert a.shape == (40, 40, 3) and a.min() >= -1.0 and a.max() <= 1.0
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _with_op(op, sign=1.0, cutout=(0.5, 0.5), magnitude=9.0):
+  p = _params()
+  p["ra_op"] = tf.constant([op, A.IDENTITY_OP, A.IDENTITY_OP])
+  p["ra_sign"] = tf.constant([sign, 1.0, 1.0])
+  p["ra_magnitude"] = tf.constant([magnitude, 0.0, 0.0])
+  p["ra_cutout"] = tf.constant([cutout, (0, 0), (0, 0)], tf.float32)
+  return p
+
+
+def test_every_randaugment_op_changes_the_image_and_identity_does_not():
+  image = _textured()
+  plain = A.apply(image, _with_op(A.IDENTITY_OP), 40).numpy()
+  for op, name in enumerate(A.RA_OPS):
+    out = A.apply(image, _with_op(op), 40).numpy()
+    assert out.shape == (40, 40, 3), name
+    assert not np.array_equal(out, plain), f"{name} left the image unchanged"
+
+
+def test_recorded_sign_and_cutout_position_are_honoured():
+  image = _textured()
+  rotate = A.RA_OPS.index("Rotate")
+  left = A.apply(image, _with_op(rotate, sign=1.0), 40).numpy()
+  right = A.apply(image, _with_op(rotate, sign=-1.0), 40).numpy()
+  assert not np.allclose(left, right)
+  cutout = A.RA_OPS.index("Cutout")
+  grey = 128 / 127.5 - 1.0
+  top_left = A.apply(image, _with_op(cutout, cutout=(0.1, 0.1)), 40).numpy()
+  bottom_right = A.apply(image, _with_op(cutout, cutout=(0.9, 0.9)), 40).numpy()
+  np.testing.assert_allclose(top_left[4, 4], grey, atol=1e-6)
+  np.testing.assert_allclose(bottom_right[36, 36], grey, atol=1e-6)
+  assert not np.allclose(top_left[36, 36], grey, atol=1e-6)
+
+
+def test_ops_are_the_model_gardens():
+  """Our Solarize and Posterize branches equal calling the Model Garden's ops directly."""
+  image = _textured()
+  base = A.apply(image, _with_op(A.IDENTITY_OP), 40)
+  uint8 = tf.cast(tf.round((base + 1.0) * 127.5), tf.uint8)
+  for name, expected in [("Solarize", mg.solarize(uint8, int(9 / 10 * 256))),
+                         ("Posterize", mg.posterize(uint8, int(9 / 10 * 4)))]:
+    out = A.apply(image, _with_op(A.RA_OPS.index(name)), 40)
+    np.testing.assert_allclose(out.numpy(), tf.cast(expected, tf.float32) / 127.5 - 1.0,
+                               atol=1e-6)
+
+
+def test_mixup_blends_with_the_partner_by_the_recorded_ratio():
+  image, partner = _textured(seed=1), _textured(seed=2)
+  p = _params("d2")
+  own = dict(p, mix_ratio=tf.constant(1.0))
+  mixed = A.apply(image, p, 40, partner).numpy()
+  alone = A.apply(image, own, 40, partner).numpy()
+  other = A.apply(partner, dict(p, crop=p["mix_crop"], flip=p["mix_flip"]), 40).numpy()
+  ratio = float(p["mix_ratio"])
+  np.testing.assert_allclose(mixed, ratio * alone + (1 - ratio) * other, atol=1e-5)
+
+
+def test_mixup_partner_is_another_position_of_the_shard():
+  partners = [A.sample_partner(A.key_seed("d2", r, f"x{r}"), 3, 10) for r in range(50)]
+  assert all(0 <= q < 10 and q != 3 for q in partners)
+  assert len(set(partners)) > 5
+  assert A.sample_partner(A.key_seed("d2", 0, "x"), 0, 1) == 0
+
+
+def test_distill_record_round_trip_full_and_top_k():
+  logits = np.random.default_rng(0).normal(0, 4, 1000).astype("float32")
+  params = {k: v.numpy() for k, v in _params("d2").items()}
+  full = records.distill_record(example_id="n01/x.jpg", source_shard=3, source_index=17,
+                                recipe="d2", replica=5, copy=0, params=params, logits=logits,
+                                partner_id="n01/y.jpg", partner_index=9)
+  parsed = records.parse_distill(tf.constant(full))
+  assert parsed["id"].numpy() == b"n01/x.jpg" and parsed["partner_index"] == 9
+  assert int(parsed["replica"]) == 5 and int(parsed["source_index"]) == 17
+  for k in A.PARAM_SPEC:
+    np.testing.assert_array_equal(parsed["params"][k].numpy(), params[k])
+  np.testing.assert_array_equal(parsed["teacher_logits"].numpy(),
+                                logits.astype(np.float16).astype(np.float32))
+  topk = records.distill_record(example_id="n01/x.jpg", source_shard=3, source_index=17,
+                                recipe="d2", replica=5, copy=0, params=params, logits=logits,
+                                top_k=10)
+  parsed_k = records.parse_distill(tf.constant(topk), top_k=10)
+  best = np.argsort(-logits)[:10]
+  np.testing.assert_array_equal(parsed_k["topk_indices"].numpy(), best)
+  np.testing.assert_allclose(parsed_k["topk_values"].numpy(), logits[best], rtol=1e-3)
+  # Parameters + float16 logits stay a couple of kilobytes; top-10 a fraction of that.
+  assert 2000 < len(full) < 3000 and len(topk) < 700
+
+
+def test_source_example_round_trip():
+  data = tf.io.encode_png(_textured()).numpy()
+  serialized = records.source_example("c/1.png", data, 4, 48, 64, "png")
+  py = records.read_source_example(serialized)
+  assert py == {"id": "c/1.png", "encoded": data, "label": 4, "height": 48, "width": 64,
+                "format": "png"}
+  parsed = records.parse_source(tf.constant(serialized))
+  assert parsed["image/encoded"].numpy() == data and int(parsed["image/label"]) == 4
+  assert records.image_format(data) == "png" and records.image_format(b"hello") is None

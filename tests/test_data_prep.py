@@ -1,0 +1,311 @@
+"""The Beam jobs: each transform on TestPipeline, each job end to end on real digit images."""
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import apache_beam as beam
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from data_prep import distill, files, ingest, select_d3, transforms
+from mnv4_train.data import augment, records
+from tests.conftest import CORRUPT_FILES
+
+pytestmark = pytest.mark.slow
+
+
+def _same_tree(a, b):
+  """Every file under a and b, byte for byte (file lists equal too)."""
+  cmp = filecmp.dircmp(a, b)
+  assert not cmp.left_only and not cmp.right_only, (cmp.left_only, cmp.right_only)
+  _, mismatch, errors = filecmp.cmpfiles(a, b, cmp.common_files, shallow=False)
+  assert not mismatch and not errors, mismatch
+  for sub in cmp.common_dirs:
+    _same_tree(os.path.join(a, sub), os.path.join(b, sub))
+
+
+def _cli(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=300)
+
+
+def _one_line_error(result, *needles):
+  assert result.returncode != 0
+  lines = result.stderr.strip().splitlines()
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("data_prep."), result.stderr[-2000:]
+  for needle in needles:
+    assert needle in lines[0]
+
+
+# ---- transforms on TestPipeline ---------------------------------------------------------------
+
+def test_validate_image_routes_bad_files_to_dead_letter_and_counts_them():
+  good = tf.io.encode_png(tf.zeros((5, 7, 3), tf.uint8)).numpy()
+  inputs = [{"id": "ok.png", "encoded": good, "label": 1},
+            {"id": "bad.jpg", "encoded": b"\xff\xd8\xff broken", "label": 2},
+            {"id": "text", "encoded": b"hello", "label": 3}]
+  p = TestPipeline()
+  out = (p | beam.Create(inputs)
+         | beam.ParDo(transforms.ValidateImage()).with_outputs(transforms.DEAD_LETTER,
+                                                               main="ok"))
+  assert_that(out.ok | "Ids" >> beam.Map(lambda e: (e["id"], e["height"], e["width"],
+                                                    e["format"])),
+              equal_to([("ok.png", 5, 7, "png")]), label="good")
+  assert_that(out[transforms.DEAD_LETTER] | "DeadIds" >> beam.Map(lambda e: e["id"]),
+              equal_to(["bad.jpg", "text"]), label="dead")
+  result = p.run()
+  result.wait_until_finish()
+  counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+  assert counters["images_ok"] == 1 and counters["images_corrupt"] == 2
+
+
+def test_write_sorted_shards_sorts_and_groups_by_file(tmp_path):
+  items = [("a.tfrecord", (k, f"a{k}".encode())) for k in (3, 1, 2)] + [
+      ("sub/b.tfrecord", (0, b"b0"))]
+  with TestPipeline() as p:
+    stats = p | beam.Create(items) | transforms.WriteSortedShards(str(tmp_path))
+    assert_that(stats, equal_to([{"path": "a.tfrecord", "count": 3},
+                                 {"path": "sub/b.tfrecord", "count": 1}]))
+  assert list(files.read_tfrecords(str(tmp_path / "a.tfrecord"))) == [b"a1", b"a2", b"a3"]
+  assert list(files.read_tfrecords(str(tmp_path / "sub/b.tfrecord"))) == [b"b0"]
+
+
+def test_replication_counts_are_exact():
+  rows = [(0.9, "a", 0, 0), (0.8, "b", 0, 1), (0.7, "c", 1, 0)]
+  # Rare class: 3 images, K = 8 -> copies 3, 3, 2 (best first); abundant: top K once each.
+  assert [c for _, _, c in select_d3.replicate(rows, 8)] == [3, 3, 2]
+  assert [(r[1], c) for _, r, c in select_d3.replicate(rows, 2)] == [("a", 1), ("b", 1)]
+  assert sum(c for _, _, c in select_d3.replicate(rows[:1], 130_000)) == 130_000
+
+
+def test_d3_selection_on_a_constructed_score_table():
+  """Threshold, top-K per class and replication, on scores we choose."""
+  probs = {  # id -> class probabilities (3 classes)
+      "a": [0.90, 0.05, 0.05], "b": [0.80, 0.10, 0.10], "c": [0.70, 0.20, 0.10],
+      "d": [0.35, 0.33, 0.32], "e": [0.29, 0.28, 0.43], "f": [0.10, 0.60, 0.30],
+      "g": [0.25, 0.25, 0.50], "h": [0.34, 0.33, 0.33]}
+  keys = [(i, 0, n) for n, i in enumerate(sorted(probs))]
+  batch = PredictionResult(None, np.array([probs[i] for i, _, _ in keys]))
+  with TestPipeline() as p:
+    rows = (p | beam.Create([(keys, batch)])
+            | beam.ParDo(select_d3.TopClass(0.3, "probabilities"))
+            | beam.GroupByKey()
+            | beam.ParDo(select_d3.Replicate(per_class=2, num_files=1))
+            | beam.Map(lambda kv: json.loads(kv[1][1])))
+    summary = rows | beam.Map(lambda r: (r["class"], r["id"], r["copies"]))
+    # class 0: a, b, c, d, h pass 0.3 -> top 2 are a, b. class 1: f alone -> 2 copies.
+    # class 2: e (0.43) and g (0.50) -> g first. Nothing below 0.3 survives.
+    assert_that(summary, equal_to([(0, "a", 1), (0, "b", 1), (1, "f", 2), (2, "g", 1),
+                                   (2, "e", 1)]))
+
+
+# ---- jobs end to end --------------------------------------------------------------------------
+
+def test_ingest_keeps_every_good_image_and_dead_letters_the_rest(source_shards, digits_folder):
+  out, manifest = source_shards
+  _, written = digits_folder
+  assert manifest["num_examples"] == len(written) == 200
+  assert manifest["counts_per_class"] == [20] * 10
+  assert manifest["class_names"] == [str(i) for i in range(10)]
+  assert manifest["dead_letter"] == len(CORRUPT_FILES)
+  dead = [json.loads(line) for line in open(os.path.join(out, "dead_letter.jsonl"))]
+  assert sorted(d["id"] for d in dead) == sorted(CORRUPT_FILES)
+  seen = {}
+  for shard in manifest["shards"]:
+    ids = [records.read_source_example(r)["id"]
+           for r in files.read_tfrecords(os.path.join(out, shard["path"]))]
+    assert ids == sorted(ids) and len(ids) == shard["count"]
+    for r in files.read_tfrecords(os.path.join(out, shard["path"])):
+      ex = records.read_source_example(r)
+      seen[ex["id"]] = ex["label"]
+  assert seen == written  # every good image, with its label, exactly once
+  assert not os.path.exists(out + ".tmp")
+
+
+def test_ingest_is_deterministic_across_runs_and_runners(digits_folder, source_shards, tmp_path):
+  out = str(tmp_path / "again")
+  ingest.run([f"--images={digits_folder[0]}", f"--out={out}", "--num_shards=2",
+              "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  _same_tree(source_shards[0], out)
+
+
+def test_ingest_from_tfrecords_and_from_a_prepared_tfds_dataset(source_shards, tmp_path):
+  import tensorflow_datasets as tfds
+  src, manifest = source_shards
+  # Existing TFRecords in the Model Garden's layout (1-based labels, no id feature).
+  path = str(tmp_path / "mg-00000-of-00001")
+  originals = []
+  with tf.io.TFRecordWriter(path) as w:
+    for shard in manifest["shards"]:
+      for r in files.read_tfrecords(os.path.join(src, shard["path"])):
+        ex = records.read_source_example(r)
+        originals.append(ex)
+        w.write(tf.train.Example(features=tf.train.Features(feature={
+            "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(
+                value=[ex["encoded"]])),
+            "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(
+                value=[ex["label"] + 1])),
+        })).SerializeToString())
+  m = ingest.run([f"--tfrecords={path}", f"--out={tmp_path / 'from_tfrecords'}",
+                  "--label_offset=-1"])
+  assert m["num_examples"] == 200 and m["counts_per_class"] == [20] * 10
+
+  # A real prepared TFDS dataset, built offline from the same images.
+  images = np.stack([tf.io.decode_png(ex["encoded"]).numpy() for ex in originals[:30]])
+  labels = np.array([ex["label"] for ex in originals[:30]])
+  builder = tfds.dataset_builders.TfDataBuilder(
+      name="digits_test", config="default", version="1.0.0",
+      data_dir=str(tmp_path / "tfds"),
+      split_datasets={"train": tf.data.Dataset.from_tensor_slices(
+          {"image": images, "label": labels})},
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(32, 32, 3)),
+          "label": tfds.features.ClassLabel(num_classes=10)}))
+  builder.download_and_prepare()
+  m = ingest.run([f"--tfds_dir={builder.data_dir}", "--split=train",
+                  f"--out={tmp_path / 'from_tfds'}"])
+  assert m["num_examples"] == 30 and sum(m["counts_per_class"]) == 30
+  assert m["counts_per_class"] == np.bincount(labels, minlength=10).tolist()
+
+
+def _load_records(folder, top_k=0):
+  out = []
+  for f in sorted(tf.io.gfile.glob(os.path.join(folder, "r*/shard-*.tfrecord"))):
+    for r in tf.data.TFRecordDataset(f).map(lambda s: records.parse_distill(s, top_k)):
+      out.append((os.path.relpath(f, folder), r))
+  return out
+
+
+def test_d1_records_replay_to_the_teachers_logits(source_shards, teacher_path, tmp_path):
+  src, manifest = source_shards
+  out = str(tmp_path / "d1")
+  m = distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={out}", "--replicas=2", "--replicas_per_task=1", "--batch_size=16"])
+  assert m["num_records"] == 2 * 200 and m["num_classes"] == 10 and m["dead_letter"] == 0
+  recs = _load_records(out)
+  assert len(recs) == 400
+  keys = [(f, int(r["source_index"])) for f, r in recs]
+  assert keys == sorted(keys)  # each file sorted by source position
+  # Replay as the trainer does (tf.data): fetch the source image by (shard, index), apply the
+  # recorded parameters with the shared function, run the teacher: the stored float16 logits
+  # come back.
+  shards = [transforms.read_shard(os.path.join(src, s["path"])) for s in manifest["shards"]]
+  teacher = keras.saving.load_model(teacher_path)
+  encoded, params, stored = [], [], []
+  for f, r in recs[::5]:
+    ex = shards[int(r["source_shard"])][int(r["source_index"])]
+    assert ex["id"] == r["id"].numpy().decode()
+    assert f"r{int(r['replica']):04d}/" in f
+    encoded.append(ex["encoded"])
+    params.append(r["params"])
+    stored.append(r["teacher_logits"].numpy())
+  replay = tf.data.Dataset.from_tensor_slices(
+      (encoded, {k: tf.stack([p[k] for p in params]) for k in augment.PARAM_SPEC})).map(
+          lambda data, p: augment.apply(augment.decode(data), p, 32)).batch(len(encoded))
+  recomputed = teacher.predict(replay, verbose=0)
+  # float16 storage: relative error 2^-11, plus the teacher's own float noise.
+  np.testing.assert_allclose(np.stack(stored), recomputed, rtol=1e-3, atol=1e-3)
+  # Replicas differ: the same example gets other parameters in replica 1.
+  by_replica = {}
+  for _, r in recs:
+    by_replica.setdefault(r["id"].numpy(), []).append(r["params"]["crop"].numpy())
+  assert sum(not np.array_equal(*v) for v in by_replica.values()) > 150
+
+  # Determinism: another run, other task split, two worker processes: the same bytes.
+  again = str(tmp_path / "d1_again")
+  distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
+               f"--out={again}", "--replicas=2", "--replicas_per_task=2", "--batch_size=16",
+               "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+  _same_tree(out, again)
+
+
+def test_d2_mixes_with_a_partner_from_the_same_shard(source_shards, teacher_path, tmp_path):
+  src, manifest = source_shards
+  out = str(tmp_path / "d2")
+  m = distill.run(["--recipe=d2", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={out}", "--replicas=1", "--top_k=3"])
+  assert m["num_records"] == 200 and m["top_k"] == 3
+  shards = [transforms.read_shard(os.path.join(src, s["path"])) for s in manifest["shards"]]
+  ratios = []
+  for _, r in _load_records(out, top_k=3):
+    shard = shards[int(r["source_shard"])]
+    partner = int(r["partner_index"])
+    assert partner != int(r["source_index"]) and 0 <= partner < len(shard)
+    assert shard[partner]["id"] == r["partner_id"].numpy().decode()
+    ratios.append(float(r["params"]["mix_ratio"]))
+    values = r["topk_values"].numpy()
+    assert values.shape == (3,) and np.all(np.diff(values) <= 0)
+  assert 0.0 < min(ratios) and max(ratios) < 1.0 and np.std(ratios) > 0.15
+
+
+def test_d3_selection_and_its_distillation_dataset(source_shards, teacher_path, tmp_path):
+  src, manifest = source_shards
+  sel = str(tmp_path / "sel")
+  s = select_d3.run([f"--corpus={src}", f"--classifier={teacher_path}", f"--out={sel}",
+                     "--per_class=30", "--threshold=0.3"])
+  assert s["selected_total_per_class"] == [30 if n else 0 for n in
+                                           s["selected_unique_per_class"]]
+  assert 0 < s["num_selected_unique"] <= 200
+  assert os.path.getsize(os.path.join(sel, "histogram.png")) > 1000
+  rows = [json.loads(line) for f in sorted(os.listdir(sel)) if f.startswith("selection-")
+          for line in open(os.path.join(sel, f))]
+  assert all(r["score"] > 0.3 for r in rows)
+  copies = sum(r["copies"] for r in rows)
+  assert copies == s["num_selected_total"]
+  out = str(tmp_path / "d3")
+  m = distill.run(["--recipe=d3", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={out}", "--replicas=1", f"--selection={sel}"])
+  assert m["num_records"] == copies
+  recs = _load_records(out)
+  seeds = {(r["id"].numpy(), int(r["copy"])) for _, r in recs}
+  assert len(seeds) == copies  # replicated images get distinct copies (distinct parameters)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_bad_inputs_stop_with_one_clear_line(source_shards, teacher_path, tmp_path):
+  src, _ = source_shards
+  _one_line_error(_cli("data_prep.ingest", "--images=/no/such/folder", f"--out={tmp_path}/x"),
+                  "/no/such/folder")
+  _one_line_error(_cli("data_prep.distill", "--recipe=d1", f"--source={tmp_path}/missing",
+                       f"--teacher={teacher_path}", f"--out={tmp_path}/y"), "--source")
+  _one_line_error(_cli("data_prep.distill", "--recipe=d1", f"--source={src}",
+                       f"--teacher={teacher_path}", f"--out={tmp_path}/y", "--replicas=0"),
+                  "--replicas")
+  _one_line_error(_cli("data_prep.distill", "--recipe=d9", f"--source={src}",
+                       f"--teacher={teacher_path}", f"--out={tmp_path}/y"), "d9")
+  _one_line_error(_cli("data_prep.distill", "--recipe=d3", f"--source={src}",
+                       f"--teacher={teacher_path}", f"--out={tmp_path}/y"), "--selection")
+  # A teacher with another class count than the source.
+  from mnv4_train import models
+  other = str(tmp_path / "seven.keras")
+  models.build("conv_s", num_classes=7, width=0.25, resolution=32).save(other)
+  _one_line_error(_cli("data_prep.distill", "--recipe=d1", f"--source={src}",
+                       f"--teacher={other}", f"--out={tmp_path}/y"), "7 classes", "10")
+  # A finished output is not overwritten by accident.
+  _one_line_error(_cli("data_prep.ingest", f"--images={tmp_path}", f"--out={src}"),
+                  "--overwrite")
+  assert not os.path.exists(f"{tmp_path}/y") and not os.path.exists(f"{tmp_path}/y.tmp")
+
+
+def test_a_failing_job_leaves_no_output_that_looks_complete(source_shards, teacher_path,
+                                                          tmp_path):
+  src, manifest = source_shards
+  broken = str(tmp_path / "broken_source")
+  os.makedirs(broken)
+  files.write_json(os.path.join(broken, files.MANIFEST), manifest)
+  # The manifest promises shards that are not there: the pipeline fails while running.
+  out = str(tmp_path / "d1")
+  with pytest.raises(Exception):
+    distill.run(["--recipe=d1", f"--source={broken}", f"--teacher={teacher_path}",
+                 f"--out={out}", "--replicas=1"])
+  assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
