@@ -33,7 +33,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
 
 FORMAT = "mnv4-distill-records/1"
 
@@ -150,8 +150,9 @@ class AugmentTask(beam.DoFn):
       out_file = f"r{replica:04d}/{shard_file}"
       for start, (pixels, params) in zip(range(0, len(keys), self.batch_size), ds):
         batch_keys = keys[start:start + self.batch_size]
+        params = {k: v.numpy() for k, v in params.items()}
         for i, (_, meta) in enumerate(batch_keys):
-          meta["params"] = {k: v[i].numpy() for k, v in params.items()}
+          meta["params"] = {k: v[i] for k, v in params.items()}
         self.images.inc(len(batch_keys))
         yield (out_file, batch_keys), pixels
 
@@ -281,30 +282,18 @@ def run(argv=None, pipeline=None) -> dict:
   """Runs the distillation-dataset job; returns its manifest."""
   args, beam_args = parse_args(argv)
   source, resolution, classes, _ = check_inputs(args)
-  tmp = files.staging_dir(args.out, args.overwrite)
   logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
                args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
                classes, args.out)
-  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-  try:
-    with p:
-      build_pipeline(p, args, tmp, source, resolution, classes)
-  except BaseException:
-    tf.io.gfile.rmtree(tmp)
-    raise
-  files.commit(tmp, args.out)
-  manifest = files.read_manifest(args.out, "--out")
+  manifest = files.run_staged(
+      out=args.out, overwrite=args.overwrite,
+      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes))
   logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,
                manifest["num_records"], len(manifest["files"]), manifest["dead_letter"],
                args.out)
   return manifest
 
 
-def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  with exit_on_user_error("data_prep.distill"):
-    run(argv)
-
-
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  files.job_main("data_prep.distill", run, sys.argv[1:])

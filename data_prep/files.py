@@ -1,4 +1,4 @@
-"""File and output plumbing shared by the Beam jobs: staged outputs, TFRecord files, manifests.
+"""Output plumbing shared by the Beam jobs: staged runs, TFRecord files, manifests, CLI wrapper.
 
 Every job writes into `<out>.tmp/` and `commit()` moves it to `<out>/` only after the pipeline
 finished, with `manifest.json` moved last: a folder with a manifest is complete, anything else
@@ -8,11 +8,12 @@ is not. Paths go through `tf.io.gfile`, so local folders and `gs://` buckets wor
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import tensorflow as tf
 
-from mnv4_train.errors import InputPathError, UserError
+from mnv4_train.errors import InputPathError, UserError, exit_on_user_error
 
 MANIFEST = "manifest.json"
 
@@ -59,6 +60,29 @@ def commit(tmp: str, out: str) -> None:
   if manifest:
     tf.io.gfile.rename(*manifest, overwrite=True)
   tf.io.gfile.rmtree(tmp)
+
+
+def run_staged(*, out: str, overwrite: bool, pipeline, build) -> dict:
+  """Runs `build(pipeline, tmp)` into `<out>.tmp`, commits it to `out`, returns the manifest.
+
+  A pipeline that fails leaves nothing behind: the staging folder is removed.
+  """
+  tmp = staging_dir(out, overwrite)
+  try:
+    with pipeline:
+      build(pipeline, tmp)
+  except BaseException:
+    tf.io.gfile.rmtree(tmp)
+    raise
+  commit(tmp, out)
+  return read_manifest(out, "--out")
+
+
+def job_main(prog: str, run, argv) -> None:
+  """A job's command line: INFO logging, and user mistakes as one line with exit status 2."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  with exit_on_user_error(prog):
+    run(argv)
 
 
 def write_tfrecords(path: str, records) -> int:

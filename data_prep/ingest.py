@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
 
 EXAMPLES_PER_SHARD = 1024
 FORMAT = "mnv4-source-shards/1"
@@ -281,28 +281,16 @@ def build_pipeline(p, args, tmp):
 def run(argv=None, pipeline=None) -> dict:
   """Runs the ingest job; returns the manifest. `pipeline` lets tests pass a TestPipeline."""
   args, beam_args = parse_args(argv)
-  tmp = files.staging_dir(args.out, args.overwrite)
-  logging.info("ingest: writing %s (staging in %s)", args.out, tmp)
-  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-  try:
-    with p:
-      build_pipeline(p, args, tmp)
-  except BaseException:
-    tf.io.gfile.rmtree(tmp)  # nothing half-written is left behind
-    raise
-  files.commit(tmp, args.out)
-  manifest = files.read_manifest(args.out, "--out")
+  logging.info("ingest: writing %s", args.out)
+  manifest = files.run_staged(
+      out=args.out, overwrite=args.overwrite,
+      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      build=lambda p, tmp: build_pipeline(p, args, tmp))
   logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
                manifest["num_examples"], manifest["num_classes"], len(manifest["shards"]),
                manifest["dead_letter"], args.out)
   return manifest
 
 
-def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  with exit_on_user_error("data_prep.ingest"):
-    run(argv)
-
-
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  files.job_main("data_prep.ingest", run, sys.argv[1:])

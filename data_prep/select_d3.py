@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment
-from mnv4_train.errors import ArgumentParser, InputPathError, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, InputPathError
 
 FORMAT = "mnv4-d3-selection/1"
 CLASSES_PER_FILE = 64
@@ -218,18 +218,12 @@ def run(argv=None, pipeline=None) -> dict:
                          f"{str(e).splitlines()[0][:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
-  tmp = files.staging_dir(args.out, args.overwrite)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
                corpus["num_examples"], args.threshold, args.per_class, num_classes, args.out)
-  p = pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-  try:
-    with p:
-      build_pipeline(p, args, tmp, corpus, resolution, num_classes)
-  except BaseException:
-    tf.io.gfile.rmtree(tmp)
-    raise
-  files.commit(tmp, args.out)
-  manifest = files.read_manifest(args.out, "--out")
+  manifest = files.run_staged(
+      out=args.out, overwrite=args.overwrite,
+      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes))
   logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "
                "%d empty classes -> %s", manifest["num_selected_unique"],
                manifest["num_selected_total"], manifest["num_above_threshold"],
@@ -237,11 +231,5 @@ def run(argv=None, pipeline=None) -> dict:
   return manifest
 
 
-def main(argv=None):
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  with exit_on_user_error("data_prep.select_d3"):
-    run(argv)
-
-
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  files.job_main("data_prep.select_d3", run, sys.argv[1:])
