@@ -108,6 +108,41 @@ def test_d3_selection_on_a_constructed_score_table():
                                    (2, "e", 1)]))
 
 
+def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_aside(
+    source_shards):
+  src, manifest = source_shards
+  path = os.path.join(src, manifest["shards"][0]["path"])
+  count = manifest["shards"][0]["count"]
+  task = ((0, path, 3, 2), {0: 2, 5: 1})  # replicas 3 and 4; D3-style copies for 2 positions
+  with TestPipeline() as p:
+    batches = (p | beam.Create([task])
+               | beam.ParDo(distill.AugmentTask("d3", 32, "minus_one_to_one", 2, 2)))
+    assert_that(batches | beam.Map(lambda kv: (kv[0][0], [k for k, _ in kv[0][1]],
+                                               tuple(kv[1].shape))),
+                equal_to([("r0003/shard-00000-of-00002.tfrecord", [(0, 0), (0, 1)],
+                           (2, 32, 32, 3)),
+                          ("r0003/shard-00000-of-00002.tfrecord", [(5, 0)], (1, 32, 32, 3)),
+                          ("r0004/shard-00000-of-00002.tfrecord", [(0, 0), (0, 1)],
+                           (2, 32, 32, 3)),
+                          ("r0004/shard-00000-of-00002.tfrecord", [(5, 0)], (1, 32, 32, 3))]))
+  assert count > 5
+  # MakeRecords: finite logits become records, NaN or wrong-sized outputs go to dead letters.
+  meta = {"id": "x", "source_shard": 0, "source_index": 0, "replica": 0, "copy": 0,
+          "partner_id": "", "partner_index": -1,
+          "params": {k: v.numpy() for k, v in augment.sample(
+              augment.RECIPES["d1"], augment.key_seed("d1", 0, "x"), (8, 8, 3)).items()}}
+  keys = ("f.tfrecord", [((0, 0), meta), ((1, 0), dict(meta, id="y"))])
+  outputs = np.array([[0.5, -1.0, 2.0], [np.nan, 0.0, 1.0]], np.float32)
+  with TestPipeline() as p:
+    made = (p | beam.Create([(keys, PredictionResult(None, outputs))])
+            | beam.ParDo(distill.MakeRecords("d1", "logits", 0, 3)).with_outputs(
+                transforms.DEAD_LETTER, main="records"))
+    assert_that(made.records | beam.Map(lambda kv: (kv[0], kv[1][0])),
+                equal_to([("f.tfrecord", (0, 0))]), label="records")
+    assert_that(made[transforms.DEAD_LETTER] | beam.Map(lambda d: d["id"]), equal_to(["y"]),
+                label="dead")
+
+
 # ---- jobs end to end --------------------------------------------------------------------------
 
 def test_ingest_keeps_every_good_image_and_dead_letters_the_rest(source_shards, digits_folder):
