@@ -20,6 +20,7 @@ sorted by (source_index, copy); format in `mnv4_train/data/records.py`; `manifes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -234,6 +235,9 @@ def check_inputs(args):
     if selection["source_shards"] != source["shards"]:
       raise ConfigError(f"--selection {args.selection} was made from other source shards than "
                         f"--source {args.source}; pass the corpus it was selected from")
+    if not selection["num_selected_total"]:
+      raise ConfigError(f"--selection {args.selection} selected no image (no score above its "
+                        "threshold); lower select_d3's --threshold or use a larger corpus")
   return source, resolution, classes, selection
 
 
@@ -265,7 +269,7 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
       os.path.join(tmp, "dead_letter.jsonl"))
   info = {
       "format": FORMAT, "recipe": args.recipe,
-      "recipe_spec": {k: v for k, v in vars(augment.RECIPES[args.recipe]).items()},
+      "recipe_spec": dataclasses.asdict(augment.RECIPES[args.recipe]),
       "replicas": args.replicas, "replica_offset": args.replica_offset,
       "source": os.path.abspath(args.source) if "://" not in args.source else args.source,
       "selection": args.selection, "teacher": args.teacher, "resolution": resolution,
