@@ -309,3 +309,19 @@ def test_fused_batchnorm_matches_keras_batchnorm(dtype):
   assert not np.allclose(ours.moving_variance, 1.0)  # the statistics really moved
   np.testing.assert_allclose(np.asarray(ours(x, training=False), "float32"),
                              np.asarray(ref(x, training=False), "float32"), rtol=tol, atol=tol)
+
+
+def test_explicit_filters_override_width_rounding():
+  # timm keeps the stem at full width under a channel multiplier; the builder takes its counts.
+  model = models.build("conv_s", num_classes=3, width=0.25,
+                       filters={"stem": 32, "stage0_block0": 16, "stage4_conv": 240})
+  conv = lambda name: model.get_layer(name).ops_[0]
+  assert conv("stem").filters == 32
+  assert conv("stage0_block0").filters == 16
+  assert conv("stage0_block1").filters == 8  # not overridden: width rounding
+  assert conv("stage4_conv").filters == 240
+  assert model.get_layer("stage0_block0").ops_[0].kernel.shape == (3, 3, 32, 16)
+  with pytest.raises(ConfigError, match="stage9_block0"):
+    models.build("conv_s", filters={"stage9_block0": 8})
+  with pytest.raises(ConfigError, match="stage2_block4"):
+    models.build("hybrid_m", filters={"stage2_block4": 160})  # an MQA block: no filters
