@@ -11,6 +11,11 @@ timm's (eval mode, same NHWC input; tests/test_convert.py holds the parity to 1e
 - timm's conventions, not the Model Garden's: BatchNorm epsilon 1e-5 and momentum 0.9 (PyTorch's
   0.1), convolutions padded k//2 on every side (`padding="symmetric"`); Hybrid-L's exact GELU
   throughout comes with the variant.
+- inputs: timm's MNv4 weights were trained on ImageNet-normalised images ((pixel / 255 - mean) /
+  std). By default (`--input project`) the model takes the project's [-1, 1] images and a fixed
+  first layer `input_norm` maps them onto timm's normalisation exactly, so it drops into our
+  training and export unchanged; `--input timm` leaves that layer out (the model then takes
+  timm-normalised images, as timm's does).
 - every layer's channel count is read from the file, not recomputed from a width multiplier
   (timm keeps the stem at full width under a multiplier; our `width` rounding would not).
 - which variant the file holds is read from its block layout (kinds, kernel sizes, attention
@@ -41,6 +46,10 @@ TIMM_NAMES = {
 }
 # The source's settings (timm builds every MNv4 with PyTorch BatchNorm defaults and k//2 padding).
 TIMM_SETTINGS = dict(padding="symmetric", bn_epsilon=1e-5, bn_momentum=0.9)
+# The input normalisation of timm's published MNv4 weights (their pretrained_cfg).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUTS = ("project", "timm")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
 _BN = ("weight", "bias", "running_mean", "running_var")
 
@@ -204,11 +213,15 @@ def _load_block(block, weights: TimmWeights, prefix: str) -> None:
             f"{prefix}.layer_scale.gamma", weights.source)
 
 
-def from_timm(path: str, *, model: str):
+def from_timm(path: str, *, model: str, inputs: str = "project"):
   """Our Keras `model` variant carrying the weights of timm's MobileNetV4 safetensors at `path`.
 
-  Raises ConfigError if the file holds another variant (naming it) or is not a timm MNv4.
+  `inputs="project"` gives a model taking [-1, 1] images (timm's ImageNet normalisation is its
+  fixed first layer); `"timm"` one taking timm-normalised images. Raises ConfigError if the file
+  holds another variant (naming it) or is not a timm MNv4.
   """
+  if inputs not in INPUTS:
+    raise ConfigError(f"unknown --input {inputs!r}; choose {' or '.join(INPUTS)}")
   from mnv4_train import models
   spec = models.get_spec(model)
   weights = TimmWeights(read_safetensors(path), path)
@@ -223,8 +236,9 @@ def from_timm(path: str, *, model: str):
     raise ConfigError(f"{path} has no classifier.weight (a headless timm model); convert a "
                       "checkpoint with its classifier")
   num_classes = weights.shape("classifier.weight")[0]
+  normalization = (IMAGENET_MEAN, IMAGENET_STD) if inputs == "project" else None
   keras_model = models.build(model, num_classes=num_classes, filters=_out_channels(weights, spec),
-                             **TIMM_SETTINGS)
+                             source_normalization=normalization, **TIMM_SETTINGS)
   stem = _ops(keras_model.get_layer("stem"))
   _conv(stem["conv"], weights, "conv_stem.weight")
   _bn(stem["bn"], weights, "bn1")
@@ -265,17 +279,22 @@ def main(argv: list[str] | None = None) -> int:
                       help="timm's model.safetensors of a mobilenetv4_* model")
   parser.add_argument("--model", required=True, help="the variant the file holds (conv_m, ...)")
   parser.add_argument("--out", required=True, help="the .keras file to write")
+  parser.add_argument("--input", default="project", choices=INPUTS,
+                      help="project (default): the model takes [-1, 1] images; timm: it takes "
+                           "ImageNet mean/std-normalised images, as timm's model does")
   args = parser.parse_args(argv)
   with exit_on_user_error(parser.prog):
     if not args.out.endswith(".keras"):
       raise ConfigError(f"--out {args.out} must end in .keras (a Keras 3 model file)")
-    model = from_timm(args.from_timm, model=args.model)
+    model = from_timm(args.from_timm, model=args.model, inputs=args.input)
     save_keras(model, args.out)
     stem = model.get_layer("stem")
     print(f"wrote {args.out}: {args.model} from timm's {TIMM_NAMES[args.model]}, "
           f"{model.get_layer('logits').units} classes, {model.count_params():,} parameters; "
           f"padding={stem.padding}, BatchNorm epsilon={stem.bn_epsilon}, "
-          f"activation={stem.activation}")
+          f"activation={stem.activation}; inputs: "
+          + ("[-1, 1] (pixel / 127.5 - 1)" if args.input == "project"
+             else "ImageNet mean/std-normalised, as timm"))
   return 0
 
 

@@ -32,11 +32,12 @@ def _fixture(name):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  """name -> (.keras path written by the CLI, the in-memory converted model)."""
+  """name -> .keras path written by the CLI with timm's input convention."""
   out = {}
   for name in NAMES:
     path = str(tmp_path_factory.mktemp(name) / f"{name}.keras")
-    assert convert.main(["--from_timm", _fixture(name)[0], "--model", name, "--out", path]) == 0
+    assert convert.main(["--from_timm", _fixture(name)[0], "--model", name, "--out", path,
+                         "--input", "timm"]) == 0
     out[name] = path
   return out
 
@@ -49,6 +50,21 @@ def test_logits_match_timm(converted, name):
   assert ours.shape == timm_logits.shape == (2, meta["num_classes"])
   assert np.max(np.abs(ours - timm_logits)) < 1e-4
   assert np.std(timm_logits) > 0.1  # the fixture's logits are not degenerate
+
+
+def test_project_inputs_give_timm_logits_for_the_same_pixels(tmp_path):
+  """By default the model takes [-1, 1] images and applies timm's ImageNet normalisation."""
+  path, x_timm, timm_logits, _ = _fixture("conv_s")
+  out = str(tmp_path / "conv_s.keras")
+  assert convert.main(["--from_timm", path, "--model", "conv_s", "--out", out]) == 0
+  model = keras.saving.load_model(out)
+  assert model.layers[1].name == "input_norm"
+  mean, std = np.array(convert.IMAGENET_MEAN), np.array(convert.IMAGENET_STD)
+  pixels = x_timm * std + mean  # the pixels / 255 that timm's input encodes
+  ours = model.predict((pixels * 2 - 1).astype("float32"), verbose=0)
+  assert np.max(np.abs(ours - timm_logits)) < 1e-4
+  # fed timm's normalised input instead, the logits are off: the layer is doing its job
+  assert np.max(np.abs(model.predict(x_timm, verbose=0) - timm_logits)) > 1e-2
 
 
 @pytest.mark.parametrize("name", NAMES)

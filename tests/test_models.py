@@ -325,3 +325,5 @@ def test_explicit_filters_override_width_rounding():
     models.build("conv_s", filters={"stage9_block0": 8})
   with pytest.raises(ConfigError, match="stage2_block4"):
     models.build("hybrid_m", filters={"stage2_block4": 160})  # an MQA block: no filters
+  with pytest.raises(ConfigError, match="source_normalization"):
+    models.build("conv_s", source_normalization=((0.5, 0.5), (0.2, 0.2, 0.2)))

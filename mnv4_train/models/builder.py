@@ -9,7 +9,7 @@ Inputs are float images, NHWC; normalisation is the input pipeline's job.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import keras
 
@@ -64,6 +64,7 @@ def build(
     activation: str | None = None,
     layer_scale_init_value: float = 1e-5,
     filters: Mapping[str, int] | None = None,
+    source_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     model_name: str | None = None,
 ) -> keras.Model:
   """Builds an MNv4 variant by name (`conv_s`, `conv_m`, `conv_l`, `hybrid_m`, `hybrid_l`).
@@ -87,6 +88,9 @@ def build(
       whose channels were rounded another way (timm keeps the stem at full width under a
       channel multiplier): the source's counts are taken, not approximated. MQA blocks keep
       their input width and take no entry.
+    source_normalization: (mean, std) per RGB channel of pixel / 255 that imported weights were
+      trained on (timm: ImageNet's). The model still takes the project's [-1, 1] inputs: a
+      fixed first layer `input_norm` maps them onto the source's normalisation exactly.
     model_name: Keras model name (default `mnv4_<name>`).
   """
   spec = S.get_spec(name)
@@ -100,8 +104,10 @@ def build(
   layer_scale = layer_scale_init_value if spec.layer_scale else None
   blocks = spec.blocks
 
-  inputs = keras.Input(shape=(resolution, resolution, 3), name="image")
-  x = L.ConvBNAct(out("stem", spec.stem_filters), 3, 2, name="stem", **common)(inputs)
+  inputs = x = keras.Input(shape=(resolution, resolution, 3), name="image")
+  if source_normalization is not None:
+    x = _input_norm(spec, source_normalization)(x)
+  x = L.ConvBNAct(out("stem", spec.stem_filters), 3, 2, name="stem", **common)(x)
   index = 0
   for stage_id, stage in enumerate(spec.stages):
     for block_id, block in enumerate(stage):
@@ -121,6 +127,21 @@ def build(
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
   outputs = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
   return keras.Model(inputs, outputs, name=model_name or f"mnv4_{name}")
+
+
+def _input_norm(spec, source_normalization) -> keras.layers.Layer:
+  """[-1, 1] (pixel / 127.5 - 1) -> (pixel / 255 - mean) / std, per channel."""
+  try:
+    mean, std = (tuple(float(v) for v in values) for values in source_normalization)
+  except (TypeError, ValueError):
+    mean = std = ()
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ConfigError(f"{spec.name}: source_normalization must be (mean, std) with three values "
+                      f"each and std > 0, got {source_normalization!r}")
+  # pixel / 255 = (x + 1) / 2, so (pixel / 255 - mean) / std = x * 0.5 / std + (0.5 - mean) / std.
+  return keras.layers.Rescaling(scale=[0.5 / s for s in std],
+                                offset=[(0.5 - m) / s for m, s in zip(mean, std)],
+                                name="input_norm")
 
 
 def _check_filters(spec, filters) -> dict[str, int]:

@@ -60,7 +60,7 @@ def stage_of(layer_name: str) -> str:
     return "stage4"
   if layer_name.startswith("stage"):
     return layer_name.split("_", 1)[0]
-  if layer_name == "stem":
+  if layer_name in ("stem", "input_norm"):
     return "stem"
   return "head" if layer_name in HEAD_LAYERS else "body"
 
