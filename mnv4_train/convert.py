@@ -20,6 +20,11 @@ timm's (eval mode, same NHWC input; tests/test_convert.py holds the parity to 1e
   (timm keeps the stem at full width under a multiplier; our `width` rounding would not).
 - which variant the file holds is read from its block layout (kinds, kernel sizes, attention
   heads), so a file of another variant, or not of MobileNetV4 at all, is refused in one line.
+- timm's anti-aliased variants (`mobilenetv4_conv_aa_*`, `mobilenetv4_conv_blur_*`) blur-pool
+  their strided convs, which our model does not; their weights are indistinguishable from the
+  plain ones, so the `config.json` timm publishes beside `model.safetensors` is read when present:
+  its architecture must be a plain `mobilenetv4_*` of the variant, and its `pretrained_cfg`
+  mean/std (if any) set the input normalisation.
 
 Runs on NumPy and safetensors only; nothing is downloaded. Where this sits: outside the training
 flow, a way in for pretrained weights; the `.keras` it writes is what `mnv4_train.export` and the
@@ -30,6 +35,7 @@ trainer load. Layout of timm's state dict (timm 1.0): `conv_stem`/`bn1`, `blocks
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -213,6 +219,38 @@ def _load_block(block, weights: TimmWeights, prefix: str) -> None:
             f"{prefix}.layer_scale.gamma", weights.source)
 
 
+def read_timm_config(path: str) -> tuple[str, dict]:
+  """(path, contents) of the config.json timm publishes beside `path`; ("", {}) if none."""
+  config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+  if not os.path.isfile(config_path):
+    return "", {}
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise InputPathError(f"{config_path} beside {path} is not readable JSON ({e}); fix or move "
+                         "it") from None
+  return config_path, config if isinstance(config, dict) else {}
+
+
+def _check_config(config_path: str, config: dict, model: str) -> tuple | None:
+  """Refuses architectures the weights cannot tell apart; returns the config's (mean, std)."""
+  arch = str(config.get("architecture", "")).split(".")[0]
+  if arch:
+    if "_aa_" in arch or "_blur_" in arch:
+      raise ConfigError(f"{config_path} names {arch}, an anti-aliased MobileNetV4 (blur-pooled "
+                        "strided convs) that our model does not implement; convert a plain "
+                        "mobilenetv4_* model")
+    if not arch.startswith(TIMM_NAMES[model]):
+      raise ConfigError(f"{config_path} names {arch}, but the weights have the {model} layout "
+                        f"({TIMM_NAMES[model]}); the folder mixes files of two models")
+  pretrained = config.get("pretrained_cfg") or {}
+  mean, std = pretrained.get("mean"), pretrained.get("std")
+  if mean and std and len(mean) == 3 and len(std) == 3:
+    return tuple(mean), tuple(std)
+  return None
+
+
 def from_timm(path: str, *, model: str, inputs: str = "project"):
   """Our Keras `model` variant carrying the weights of timm's MobileNetV4 safetensors at `path`.
 
@@ -232,11 +270,13 @@ def from_timm(path: str, *, model: str, inputs: str = "project"):
   if found != model:
     raise ConfigError(f"{path} holds timm's {TIMM_NAMES[found]} ({found}) weights, not "
                       f"{model}; pass --model {found}")
+  config_path, config = read_timm_config(path)
+  source_norm = _check_config(config_path, config, model) or (IMAGENET_MEAN, IMAGENET_STD)
   if "classifier.weight" not in weights.tensors:
     raise ConfigError(f"{path} has no classifier.weight (a headless timm model); convert a "
                       "checkpoint with its classifier")
   num_classes = weights.shape("classifier.weight")[0]
-  normalization = (IMAGENET_MEAN, IMAGENET_STD) if inputs == "project" else None
+  normalization = source_norm if inputs == "project" else None
   keras_model = models.build(model, num_classes=num_classes, filters=_out_channels(weights, spec),
                              source_normalization=normalization, **TIMM_SETTINGS)
   stem = _ops(keras_model.get_layer("stem"))

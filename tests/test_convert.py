@@ -133,3 +133,24 @@ def test_unreadable_or_missing_file_is_one_clear_error(tmp_path):
     convert.from_timm(str(junk), model="conv_s")
   with pytest.raises(InputPathError, match="does not exist"):
     convert.from_timm(str(tmp_path / "missing.safetensors"), model="conv_s")
+
+
+def test_config_json_beside_the_weights_is_honoured(tmp_path):
+  """timm publishes config.json beside model.safetensors: anti-aliased variants, whose weights
+  look exactly like the plain ones, are refused; its mean/std set the input normalisation."""
+  import shutil
+  weights = tmp_path / "model.safetensors"
+  shutil.copy(_fixture("conv_s")[0], weights)
+  config = tmp_path / "config.json"
+  config.write_text(json.dumps({"architecture": "mobilenetv4_conv_aa_large"}))
+  with pytest.raises(ConfigError, match="anti-aliased"):
+    convert.from_timm(str(weights), model="conv_s")
+  config.write_text(json.dumps({"architecture": "mobilenetv4_conv_medium"}))
+  with pytest.raises(ConfigError, match="mixes files"):
+    convert.from_timm(str(weights), model="conv_s")
+  config.write_text(json.dumps({"architecture": "mobilenetv4_conv_small_050",
+                                "pretrained_cfg": {"mean": [0.5, 0.5, 0.5],
+                                                   "std": [0.5, 0.5, 0.5]}}))
+  norm = convert.from_timm(str(weights), model="conv_s").get_layer("input_norm")
+  np.testing.assert_allclose(norm.scale, [1.0, 1.0, 1.0])  # [-1, 1] is already (p - .5) / .5
+  np.testing.assert_allclose(norm.offset, [0.0, 0.0, 0.0], atol=1e-7)
