@@ -171,6 +171,7 @@ def test_representative_reader_refuses_what_it_cannot_read(tmp_path):
     export.load_images(str(tmp_path / "empty"), resolution=RES, count=4)
 
 
+@pytest.mark.slow
 def test_hybrid_exports_attention_to_tflite(trained, tmp_path):
   """MQA (einsum, softmax, reshapes) through float32 and full-integer TFLite."""
   rng = np.random.default_rng(0)
