@@ -83,6 +83,7 @@ def test_tiny_forward_shapes_and_finite(name, resolution):
 
 @pytest.mark.parametrize("name", ["conv_s", "conv_m", "hybrid_m"])
 def test_every_parameter_gets_a_gradient(name):
+  keras.utils.set_random_seed(0)  # fixed init and drop-path draws: no run-to-run flakiness
   model = models.build(name, num_classes=5, width=0.25, drop_path_rate=0.1)
   # 64 px: the last stage still has 2x2 = 4 key tokens, so attention softmax is not constant.
   x = tf.random.stateless_uniform((4, 64, 64, 3), seed=(1, 2))
@@ -309,3 +310,21 @@ def test_fused_batchnorm_matches_keras_batchnorm(dtype):
   assert not np.allclose(ours.moving_variance, 1.0)  # the statistics really moved
   np.testing.assert_allclose(np.asarray(ours(x, training=False), "float32"),
                              np.asarray(ref(x, training=False), "float32"), rtol=tol, atol=tol)
+
+
+def test_explicit_filters_override_width_rounding():
+  # timm keeps the stem at full width under a channel multiplier; the builder takes its counts.
+  model = models.build("conv_s", num_classes=3, width=0.25,
+                       filters={"stem": 32, "stage0_block0": 16, "stage4_conv": 240})
+  conv = lambda name: model.get_layer(name).ops_[0]
+  assert conv("stem").filters == 32
+  assert conv("stage0_block0").filters == 16
+  assert conv("stage0_block1").filters == 8  # not overridden: width rounding
+  assert conv("stage4_conv").filters == 240
+  assert model.get_layer("stage0_block0").ops_[0].kernel.shape == (3, 3, 32, 16)
+  with pytest.raises(ConfigError, match="stage9_block0"):
+    models.build("conv_s", filters={"stage9_block0": 8})
+  with pytest.raises(ConfigError, match="stage2_block4"):
+    models.build("hybrid_m", filters={"stage2_block4": 160})  # an MQA block: no filters
+  with pytest.raises(ConfigError, match="source_normalization"):
+    models.build("conv_s", source_normalization=((0.5, 0.5), (0.2, 0.2, 0.2)))

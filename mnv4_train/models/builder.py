@@ -9,6 +9,8 @@ Inputs are float images, NHWC; normalisation is the input pipeline's job.
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import keras
 
 from mnv4_train.errors import ConfigError
@@ -61,6 +63,8 @@ def build(
     padding: str = "same",
     activation: str | None = None,
     layer_scale_init_value: float = 1e-5,
+    filters: Mapping[str, int] | None = None,
+    source_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     model_name: str | None = None,
 ) -> keras.Model:
   """Builds an MNv4 variant by name (`conv_s`, `conv_m`, `conv_l`, `hybrid_m`, `hybrid_l`).
@@ -79,19 +83,31 @@ def build(
     padding: "same" (TensorFlow/Model Garden) or "symmetric" (timm/PyTorch).
     activation: override the variant's activation ("relu" or "gelu"); None keeps the table's.
     layer_scale_init_value: initial layer-scale value in the hybrids' UIB and MQA blocks.
+    filters: explicit output channels by top-level layer name (`stem`, `stage{i}_block{j}`,
+      `stage4_conv`, `head_conv`), overriding `width` for those layers. For imported weights
+      whose channels were rounded another way (timm keeps the stem at full width under a
+      channel multiplier): the source's counts are taken, not approximated. MQA blocks keep
+      their input width and take no entry.
+    source_normalization: (mean, std) per RGB channel of pixel / 255 that imported weights were
+      trained on (timm: ImageNet's). The model still takes the project's [-1, 1] inputs: a
+      fixed first layer `input_norm` maps them onto the source's normalisation exactly.
     model_name: Keras model name (default `mnv4_<name>`).
   """
   spec = S.get_spec(name)
   _check_options(spec, num_classes=num_classes, width=width, resolution=resolution,
                  dropout=dropout, drop_path_rate=drop_path_rate,
                  drop_path_schedule=drop_path_schedule, padding=padding, activation=activation)
+  chosen = _check_filters(spec, filters)
+  out = lambda layer_name, default: chosen.get(layer_name, scale_filters(default, width))
   common = dict(activation=activation or spec.activation, padding=padding,
                 bn_momentum=bn_momentum, bn_epsilon=bn_epsilon)
   layer_scale = layer_scale_init_value if spec.layer_scale else None
   blocks = spec.blocks
 
-  inputs = keras.Input(shape=(resolution, resolution, 3), name="image")
-  x = L.ConvBNAct(scale_filters(spec.stem_filters, width), 3, 2, name="stem", **common)(inputs)
+  inputs = x = keras.Input(shape=(resolution, resolution, 3), name="image")
+  if source_normalization is not None:
+    x = _input_norm(spec, source_normalization)(x)
+  x = L.ConvBNAct(out("stem", spec.stem_filters), 3, 2, name="stem", **common)(x)
   index = 0
   for stage_id, stage in enumerate(spec.stages):
     for block_id, block in enumerate(stage):
@@ -99,12 +115,13 @@ def build(
       if drop_path_schedule == "linear":
         rate = drop_path_rate * index / max(len(blocks) - 1, 1)
       index += 1
-      x = _block_layer(block, width=width, layer_scale=layer_scale, drop_path_rate=rate,
-                       name=f"stage{stage_id}_block{block_id}", common=common)(x)
-  x = L.ConvBNAct(scale_filters(spec.last_filters, width), 1, name="stage4_conv", **common)(x)
+      block_name = f"stage{stage_id}_block{block_id}"
+      x = _block_layer(block, filters=out(block_name, block.filters), layer_scale=layer_scale,
+                       drop_path_rate=rate, name=block_name, common=common)(x)
+  x = L.ConvBNAct(out("stage4_conv", spec.last_filters), 1, name="stage4_conv", **common)(x)
   x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
   # The head keeps its full width at any multiplier (the Model Garden's finegrain mode).
-  x = L.ConvBNAct(spec.head_filters, 1, name="head_conv", **common)(x)
+  x = L.ConvBNAct(chosen.get("head_conv", spec.head_filters), 1, name="head_conv", **common)(x)
   x = keras.layers.Flatten(name="flatten")(x)
   if dropout:
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
@@ -112,8 +129,39 @@ def build(
   return keras.Model(inputs, outputs, name=model_name or f"mnv4_{name}")
 
 
-def _block_layer(block, *, width, layer_scale, drop_path_rate, name, common):
-  filters = scale_filters(block.filters, width)
+def _input_norm(spec, source_normalization) -> keras.layers.Layer:
+  """[-1, 1] (pixel / 127.5 - 1) -> (pixel / 255 - mean) / std, per channel."""
+  try:
+    mean, std = (tuple(float(v) for v in values) for values in source_normalization)
+  except (TypeError, ValueError):
+    mean = std = ()
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ConfigError(f"{spec.name}: source_normalization must be (mean, std) with three values "
+                      f"each and std > 0, got {source_normalization!r}")
+  # pixel / 255 = (x + 1) / 2, so (pixel / 255 - mean) / std = x * 0.5 / std + (0.5 - mean) / std.
+  return keras.layers.Rescaling(scale=[0.5 / s for s in std],
+                                offset=[(0.5 - m) / s for m, s in zip(mean, std)],
+                                name="input_norm")
+
+
+def _check_filters(spec, filters) -> dict[str, int]:
+  """The `filters` overrides, checked against the variant's layer names."""
+  if not filters:
+    return {}
+  valid = {"stem", "stage4_conv", "head_conv"} | {
+      f"stage{i}_block{j}" for i, stage in enumerate(spec.stages)
+      for j, block in enumerate(stage) if not isinstance(block, S.MQA)}
+  unknown = sorted(set(filters) - valid)
+  if unknown:
+    raise ConfigError(f"{spec.name}: filters has no layer {', '.join(unknown)}; valid names are "
+                      "stem, stage{i}_block{j} (not MQA blocks), stage4_conv, head_conv")
+  bad = sorted(k for k, v in filters.items() if not isinstance(v, int) or v < 1)
+  if bad:
+    raise ConfigError(f"{spec.name}: filters for {', '.join(bad)} must be positive integers")
+  return dict(filters)
+
+
+def _block_layer(block, *, filters, layer_scale, drop_path_rate, name, common):
   if isinstance(block, S.ConvBN):
     return L.ConvBNAct(filters, block.kernel, block.stride, name=name, **common)
   if isinstance(block, S.FusedIB):
