@@ -31,14 +31,16 @@ from mnv4_train.data import augment, records  # noqa: E402
 from data_prep.digits import write_digits_folder  # noqa: E402
 
 
-def bare_loop(source, teacher_path, out, replicas, resolution, batch_size):
-  """The same work as the Beam job, in one process, no Beam."""
+def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
+  """The teacher's forward function, and per (shard, replica) the examples and a tf.data
+  stream of augmented (pixels, params) batches built with the job's own augmentation map."""
   manifest = files.read_manifest(source, "source")
   teacher = transforms.load_teacher(teacher_path)
   forward = tf.function(lambda x: teacher(x, training=False))
   task = distill.AugmentTask("d1", resolution, "minus_one_to_one", batch_size,
                              len(manifest["shards"]))
-  n = 0
+  task.setup()
+  work = []
   for shard, info in enumerate(manifest["shards"]):
     examples = transforms.read_shard(os.path.join(source, info["path"]))
     for replica in range(replicas):
@@ -46,46 +48,43 @@ def bare_loop(source, teacher_path, out, replicas, resolution, batch_size):
                 "data": [ex["encoded"] for ex in examples],
                 "partner": [ex["encoded"] for ex in examples]}
       ds = (tf.data.Dataset.from_tensor_slices(inputs)
-            .map(task._augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .map(task._augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(batch_size))
-      path = os.path.join(out, f"r{replica:04d}-{info['path']}")
-      with tf.io.TFRecordWriter(path) as writer:
-        i = 0
-        for pixels, params in ds:
-          logits = forward(pixels).numpy()
-          params = {k: v.numpy() for k, v in params.items()}
-          for j, row in enumerate(logits):
-            ex = examples[i + j]
-            writer.write(records.distill_record(
-                example_id=ex["id"], source_shard=shard, source_index=i + j, recipe="d1",
-                replica=replica, copy=0, params={k: v[j] for k, v in params.items()},
-                logits=row))
-          i += len(logits)
-          n += len(logits)
+      work.append((shard, info["path"], replica, examples, ds))
+  return forward, work
+
+
+def bare_loop(source, teacher_path, out, replicas, resolution, batch_size):
+  """The same work as the Beam job, in one process, no Beam."""
+  forward, work = _shards_and_batches(source, teacher_path, replicas, resolution, batch_size)
+  n = 0
+  for shard, name, replica, examples, ds in work:
+    with tf.io.TFRecordWriter(os.path.join(out, f"r{replica:04d}-{name}")) as writer:
+      i = 0
+      for pixels, params in ds:
+        logits = forward(pixels).numpy()
+        params = {k: v.numpy() for k, v in params.items()}
+        for j, row in enumerate(logits):
+          writer.write(records.distill_record(
+              example_id=examples[i + j]["id"], source_shard=shard, source_index=i + j,
+              recipe="d1", replica=replica, copy=0,
+              params={k: v[j] for k, v in params.items()}, logits=row))
+        i += len(logits)
+        n += len(logits)
   return n
 
 
 def bare_predict(source, teacher_path, replicas, resolution, batch_size):
   """Seconds the teacher alone takes over the same augmented pixels (augmentation untimed)."""
-  manifest = files.read_manifest(source, "source")
-  teacher = transforms.load_teacher(teacher_path)
-  forward = tf.function(lambda x: teacher(x, training=False))
-  task = distill.AugmentTask("d1", resolution, "minus_one_to_one", batch_size,
-                             len(manifest["shards"]))
+  forward, work = _shards_and_batches(source, teacher_path, replicas, resolution, batch_size)
   seconds = 0.0
-  for info in manifest["shards"]:
-    examples = transforms.read_shard(os.path.join(source, info["path"]))
-    for replica in range(replicas):
-      inputs = {"seed": tf.stack([augment.key_seed("d1", replica, ex["id"]) for ex in examples]),
-                "data": [ex["encoded"] for ex in examples],
-                "partner": [ex["encoded"] for ex in examples]}
-      batches = [pixels for pixels, _ in tf.data.Dataset.from_tensor_slices(inputs)
-                 .map(task._augment).batch(batch_size)]
-      forward(batches[0])  # traced before timing
-      start = time.perf_counter()
-      for pixels in batches:
-        forward(pixels).numpy()
-      seconds += time.perf_counter() - start
+  for _, _, _, _, ds in work:
+    batches = [pixels for pixels, _ in ds]
+    forward(batches[0])  # traced before timing
+    start = time.perf_counter()
+    for pixels in batches:
+      forward(pixels).numpy()
+    seconds += time.perf_counter() - start
   return seconds
 
 

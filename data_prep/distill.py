@@ -100,9 +100,14 @@ class AugmentTask(beam.DoFn):
   to its number of copies (D3); None takes every example once.
 
   Sampling and `augment.apply` run inside a tf.data map, as the trainer's replay does: some
-  Model Garden ops truncate floats to uint8, and a `tf.function` (whose graph optimiser
-  reorders float arithmetic) can land one grey level off the eager and tf.data result.
+  Model Garden ops truncate floats to uint8, and a `tf.function` called on its own (whose graph
+  optimiser reorders float arithmetic) can land one grey level off the eager and tf.data result.
+  The map function is traced once per worker (`setup`) and reused by every task's dataset:
+  tracing it (17 RandAugment branches per layer) takes seconds, more than a shard's work.
   """
+
+  _SIGNATURE = [{"seed": tf.TensorSpec([2], tf.int64), "data": tf.TensorSpec([], tf.string),
+                 "partner": tf.TensorSpec([], tf.string)}]
 
   def __init__(self, recipe, resolution, teacher_input, batch_size, num_shards):
     self.recipe = recipe
@@ -111,6 +116,9 @@ class AugmentTask(beam.DoFn):
     self.batch_size = batch_size
     self.num_shards = num_shards
     self.images = beam.metrics.Metrics.counter(transforms.NAMESPACE, "augmented_images")
+
+  def setup(self):
+    self._augment_fn = tf.function(self._augment, input_signature=self._SIGNATURE)
 
   def _augment(self, element):
     recipe = augment.RECIPES[self.recipe]
@@ -146,7 +154,7 @@ class AugmentTask(beam.DoFn):
         continue
       inputs["seed"] = tf.stack(inputs["seed"])
       ds = (tf.data.Dataset.from_tensor_slices(inputs)
-            .map(self._augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .map(self._augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(self.batch_size))
       out_file = f"r{replica:04d}/{shard_file}"
       for start, (pixels, params) in zip(range(0, len(keys), self.batch_size), ds):

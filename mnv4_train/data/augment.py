@@ -202,9 +202,11 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
   """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
 
   `partner` is the decoded mixup partner (recipes with mixup); without it the mix is skipped.
-  Run it eagerly or inside a tf.data map, as the Beam job and the trainer do: a `tf.function`
-  graph optimiser may reorder float arithmetic, and the Model Garden's ops truncate floats to
-  uint8, so a pixel can come out one grey level off.
+  Run it eagerly or inside a tf.data map, as the Beam job and the trainer do (a `tf.function`
+  passed to `map` runs in the tf.data runtime and gives the same pixels, and is traced once):
+  a `tf.function` called on its own has its graph optimised, which may reorder float
+  arithmetic, and the Model Garden's ops truncate floats to uint8, so a pixel can come out one
+  grey level off.
   """
   out = _crop_resize_flip(image, params["crop"], params["flip"], resolution)
   for i in range(MAX_RA_LAYERS):
