@@ -62,9 +62,17 @@ def parse_args(argv):
   parser.add_argument("--batch_size", type=int, default=32, help="teacher batch size")
   parser.add_argument("--replicas_per_task", type=int, default=4,
                       help="replicas one worker builds per read of a source shard")
+  parser.add_argument("--crop_area_min", type=float, default=None,
+                      help="smallest inception-crop area (default: the recipe's 0.08)")
+  parser.add_argument("--ra_magnitude", type=float, default=None,
+                      help="RandAugment magnitude (default: the recipe's)")
+  parser.add_argument("--no_flip", action="store_true",
+                      help="no horizontal flips (e.g. for glyphs such as digits)")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
   args, beam_args = parser.parse_known_args(argv)
   recipe = augment.RECIPES[args.recipe]
+  if args.crop_area_min is not None and not 0.0 < args.crop_area_min <= 1.0:
+    parser.error(f"--crop_area_min must be in (0, 1], got {args.crop_area_min}")
   if args.replicas is None:
     args.replicas = recipe.replicas
   for flag in ("replicas", "batch_size", "replicas_per_task"):
@@ -79,6 +87,19 @@ def parse_args(argv):
   if args.recipe != "d3" and args.selection:
     parser.error(f"--selection is for recipe d3 only, not {args.recipe}")
   return args, beam_args
+
+
+def recipe_spec(args) -> augment.Recipe:
+  """The recipe of --recipe with the overrides given on the command line."""
+  spec = augment.RECIPES[args.recipe]
+  changes = {}
+  if args.crop_area_min is not None:
+    changes["crop_area"] = (args.crop_area_min, spec.crop_area[1])
+  if args.ra_magnitude is not None:
+    changes["ra_magnitude"] = args.ra_magnitude
+  if args.no_flip:
+    changes["flip"] = False
+  return dataclasses.replace(spec, **changes)
 
 
 # ---- tasks ------------------------------------------------------------------------------------
@@ -109,8 +130,9 @@ class AugmentTask(beam.DoFn):
   _SIGNATURE = [{"seed": tf.TensorSpec([2], tf.int64), "data": tf.TensorSpec([], tf.string),
                  "partner": tf.TensorSpec([], tf.string)}]
 
-  def __init__(self, recipe, resolution, teacher_input, batch_size, num_shards):
+  def __init__(self, recipe, resolution, teacher_input, batch_size, num_shards, spec=None):
     self.recipe = recipe
+    self.spec = spec or augment.RECIPES[recipe]
     self.resolution = resolution
     self.teacher_input = teacher_input
     self.batch_size = batch_size
@@ -121,7 +143,7 @@ class AugmentTask(beam.DoFn):
     self._augment_fn = tf.function(self._augment, input_signature=self._SIGNATURE)
 
   def _augment(self, element):
-    recipe = augment.RECIPES[self.recipe]
+    recipe = self.spec
     image = augment.decode(element["data"])
     partner = augment.decode(element["partner"]) if recipe.mixup else None
     params = augment.sample(recipe, element["seed"], tf.shape(image),
@@ -133,7 +155,7 @@ class AugmentTask(beam.DoFn):
   def process(self, element):
     (shard, path, first, count), selection = element
     examples = transforms.read_shard(path)
-    recipe = augment.RECIPES[self.recipe]
+    recipe = self.spec
     shard_file = files.shard_name("shard", shard, self.num_shards)
     for replica in range(first, first + count):
       inputs, keys = {"seed": [], "data": [], "partner": []}, []
@@ -267,7 +289,8 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
   batches = (work
              | "Spread" >> beam.Reshuffle()
              | "Augment" >> beam.ParDo(AugmentTask(args.recipe, resolution, args.teacher_input,
-                                                   args.batch_size, len(shards))))
+                                                   args.batch_size, len(shards),
+                                                   recipe_spec(args))))
   made = (batches
           | "Teacher" >> RunInference(transforms.teacher_handler(args.teacher))
           | "MakeRecords" >> beam.ParDo(MakeRecords(args.recipe, args.teacher_outputs,
@@ -277,7 +300,7 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
       os.path.join(tmp, "dead_letter.jsonl"))
   info = {
       "format": FORMAT, "recipe": args.recipe,
-      "recipe_spec": dataclasses.asdict(augment.RECIPES[args.recipe]),
+      "recipe_spec": dataclasses.asdict(recipe_spec(args)),
       "replicas": args.replicas, "replica_offset": args.replica_offset,
       "source": os.path.abspath(args.source) if "://" not in args.source else args.source,
       "selection": args.selection, "teacher": args.teacher, "resolution": resolution,

@@ -13,9 +13,11 @@ import os
 
 import tensorflow as tf
 
+from mnv4_train.data import records
 from mnv4_train.errors import InputPathError, UserError, exit_on_user_error
 
-MANIFEST = "manifest.json"
+MANIFEST = records.MANIFEST
+read_manifest = records.read_manifest  # one reader for the jobs and the trainer
 
 
 class OutputExistsError(UserError):
@@ -104,16 +106,6 @@ def read_tfrecords(path: str):
 def write_json(path: str, obj) -> None:
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def read_manifest(folder: str, what: str) -> dict:
-  """The manifest of a finished stage output, or one clear error saying which flag is wrong."""
-  path = os.path.join(folder.rstrip("/"), MANIFEST)
-  if not tf.io.gfile.exists(path):
-    raise InputPathError(f"{what} {folder} is not a finished output (no {MANIFEST}); "
-                         "run the stage that builds it first")
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
 
 
 def shard_name(prefix: str, index: int, count: int) -> str:

@@ -58,10 +58,19 @@ def parse_args(argv):
                       help="text file, one class name per line (TFRecord sources)")
   parser.add_argument("--num_shards", type=int, default=0,
                       help=f"output shards (default: one per {EXAMPLES_PER_SHARD} images)")
+  parser.add_argument("--holdout_fraction", type=float, default=0.0,
+                      help="fraction of images (by a stable hash of the id) held out for "
+                      "evaluation; ingest twice, with --subset=train and --subset=holdout")
+  parser.add_argument("--subset", default="all", choices=["all", "train", "holdout"],
+                      help="which side of --holdout_fraction to write")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
   args, beam_args = parser.parse_known_args(argv)
   if args.num_shards < 0:
     parser.error(f"--num_shards must be >= 0, got {args.num_shards}")
+  if not 0.0 <= args.holdout_fraction < 1.0:
+    parser.error(f"--holdout_fraction must be in [0, 1), got {args.holdout_fraction}")
+  if (args.subset == "all") != (args.holdout_fraction == 0.0):
+    parser.error("--holdout_fraction and --subset=train|holdout go together")
   return args, beam_args
 
 
@@ -210,6 +219,26 @@ def read_source(p, args):
 
 # ---- the pipeline -----------------------------------------------------------------------------
 
+def in_holdout(example_id: str, fraction: float) -> bool:
+  """Whether an id falls in the held-out fraction: a stable hash, the same on every machine."""
+  return transforms.stable_hash("holdout\x1f" + example_id) % 1_000_000 < fraction * 1_000_000
+
+
+class _KeepSubset(beam.DoFn):
+  """Keeps the examples of one side of the train/holdout split; counts the others."""
+
+  def __init__(self, fraction, subset):
+    self.fraction = fraction
+    self.subset = subset
+    self.other = beam.metrics.Metrics.counter(transforms.NAMESPACE, "in_other_subset")
+
+  def process(self, ex):
+    if self.subset == "all" or in_holdout(ex["id"], self.fraction) == (self.subset == "holdout"):
+      yield ex
+    else:
+      self.other.inc()
+
+
 class _AssignShard(beam.DoFn):
   """example -> (shard file name, (id, serialized source Example)); shard = stable hash of id."""
 
@@ -256,7 +285,8 @@ def build_pipeline(p, args, tmp):
   examples, early_dead, class_names, source = read_source(p, args)
   checked = examples | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
       transforms.DEAD_LETTER, main="images")
-  images = checked.images
+  images = checked.images | "KeepSubset" >> beam.ParDo(
+      _KeepSubset(args.holdout_fraction, args.subset))
   dead = ((checked[transforms.DEAD_LETTER], early_dead) | "AllDeadLetters" >> beam.Flatten())
   dead_count = dead | "WriteDeadLetters" >> transforms.WriteSortedJsonLines(
       os.path.join(tmp, "dead_letter.jsonl"))
@@ -275,7 +305,8 @@ def build_pipeline(p, args, tmp):
        | "WriteManifest" >> beam.Map(
            _write_manifest, tmp, beam.pvalue.AsSingleton(num_shards),
            beam.pvalue.AsSingleton(label_counts), beam.pvalue.AsSingleton(dead_count),
-           class_names, source))
+           class_names, {**source, "subset": args.subset,
+                         "holdout_fraction": args.holdout_fraction}))
 
 
 def run(argv=None, pipeline=None) -> dict:

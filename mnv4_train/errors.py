@@ -29,7 +29,9 @@ def exit_on_user_error(prog: str):
   try:
     yield
   except UserError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    # One line: gin appends the configurable's name on lines of its own.
+    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -64,3 +64,18 @@ def teacher_path(source_shards, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
   model.save(path)
   return path
+
+
+@pytest.fixture(scope="session")
+def distill_records(source_shards, teacher_path, tmp_path_factory):
+  """D1 (2 replicas, full logits) and D2 (1 replica, top-3 logits) built by the Beam job."""
+  from data_prep import distill
+  root = tmp_path_factory.mktemp("distill")
+  src = source_shards[0]
+  d1 = str(root / "d1")
+  distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}", f"--out={d1}",
+               "--replicas=2", "--batch_size=32"])
+  d2 = str(root / "d2")
+  distill.run(["--recipe=d2", f"--source={src}", f"--teacher={teacher_path}", f"--out={d2}",
+               "--replicas=1", "--top_k=3", "--batch_size=32"])
+  return {"d1": d1, "d2": d2}

@@ -201,7 +201,8 @@ def _ra_branches(image, magnitude, sign, cutout, resolution):
 def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None):
   """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
 
-  `partner` is the decoded mixup partner (recipes with mixup); without it the mix is skipped.
+  `partner` is the decoded mixup partner (recipes with mixup); without it, or with a mix ratio
+  of 1, the mix is skipped.
   Run it eagerly or inside a tf.data map, as the Beam job and the trainer do (a `tf.function`
   passed to `map` runs in the tf.data runtime and gives the same pixels, and is traced once):
   a `tf.function` called on its own has its graph optimised, which may reorder float
@@ -217,10 +218,16 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
     out.set_shape([resolution, resolution, 3])
   out = tf.cast(out, tf.float32)
   if partner is not None:
-    other = tf.cast(_crop_resize_flip(partner, params["mix_crop"], params["mix_flip"],
-                                      resolution), tf.float32)
     ratio = params["mix_ratio"]
-    out = ratio * out + (1.0 - ratio) * other
+
+    def mix():
+      other = tf.cast(_crop_resize_flip(partner, params["mix_crop"], params["mix_flip"],
+                                        resolution), tf.float32)
+      return ratio * out + (1.0 - ratio) * other
+
+    # A ratio of 1 (records of a recipe without mixup, in a mixture) leaves the image alone, so
+    # the trainer can replay D1 and D2 records with one function.
+    out = tf.cond(ratio < 1.0, mix, lambda: out)
   return out / 127.5 - 1.0
 
 

@@ -26,10 +26,16 @@ copy, so the trainer streams a source shard beside its records with no global ra
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from mnv4_train.data import augment
+from mnv4_train.errors import InputPathError
+
+MANIFEST = "manifest.json"  # written last by every stage: its presence marks a finished output
 
 IMAGE_FORMATS = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"GIF8": "gif", b"BM": "bmp"}
 
@@ -182,3 +188,13 @@ def parse_distill(serialized: tf.Tensor, top_k: int = 0) -> dict:
     ex["teacher_logits"] = tf.cast(
         tf.io.decode_raw(ex.pop("logits"), tf.float16, little_endian=True), tf.float32)
   return ex
+
+
+def read_manifest(folder: str, what: str) -> dict:
+  """The manifest of a finished stage output, or one clear error naming the flag (`what`)."""
+  path = os.path.join(folder.rstrip("/"), MANIFEST)
+  if not tf.io.gfile.exists(path):
+    raise InputPathError(f"{what} {folder} is not a finished output (no {MANIFEST}); "
+                         "run the stage that builds it first")
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)

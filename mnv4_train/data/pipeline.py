@@ -1,0 +1,316 @@
+"""The trainer's input pipeline (tf.data): replayed distillation records, mixed; plain inputs.
+
+One distillation dataset is a `data_prep.distill` output: record files `r<replica>/shard-...`,
+each beside the source shard of the same name. Its stream, per host:
+
+  (epoch, pair) from a stateless permutation of the (record file, source shard) pairs per epoch
+  -> interleave: read the pair's source shard once (encoded images, labels), shuffle the pair's
+     records, attach each record's image, mixup partner and label (cheap: no decoding yet)
+  -> mixing of the datasets by weight, optionally a schedule of weights over training steps
+     (`tf.data.Dataset.sample_from_datasets` with a dataset of weights)
+  -> host sharding -> replay: decode + `augment.apply` with the recorded parameters, the very
+     function the Beam job ran before the teacher -> batch -> prefetch.
+
+A source-shards folder (`data_prep.ingest`) streams the same way, with augmentation parameters
+drawn from a stateless key of (seed, epoch, example id) instead of read from records: the
+plain supervised input (and the input of `teacher="online"` runs). `eval_dataset` is the
+evaluation input: a central crop of every source image, once, in order.
+
+Determinism: every random choice is keyed (pair permutation per epoch, record shuffle seed per
+(epoch, pair), mixing seed; a pair's records are permuted whole, with no shuffle buffer), so the stream is a function of the seed. The iterator is saved in
+checkpoints (`tf.train.Checkpoint(iterator=...)`), so a resumed run reads on from the same
+position. Reading a source shard inside the interleave is a stateful op for tf.data; the
+iterator is saved with `ExternalStatePolicy.IGNORE`, which is safe because that read is a pure
+function of the file: on restore the interleave reads the shard again.
+
+Sharding over hosts: "files" gives each host its own (record, source) pairs; "data" has every
+host build the global stream and take its own part of each global batch, so N hosts see exactly
+the batches one host with N replicas would (for small datasets, and to check multi-worker runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow as tf
+
+from mnv4_train.data import augment, records
+from mnv4_train.errors import ConfigError, InputPathError
+
+DISTILL_FORMAT = "mnv4-distill-records"
+SOURCE_FORMAT = "mnv4-source-shards"
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """One training dataset as the pipeline reads it (from its manifest)."""
+  name: str
+  path: str
+  kind: str                          # "distill" (records + sources) or "source" (source shards)
+  pairs: tuple                       # ((record file or "", records, source shard, images), ...)
+  num_classes: int
+  num_examples: int                  # records, or source images
+  epoch_examples: int                # source images one replica covers (what an epoch means)
+  resolution: int | None = None      # the resolution the teacher saw (distill)
+  top_k: int = 0
+  recipe: str = ""
+
+
+def open_dataset(path: str, name: str | None = None) -> InputSpec:
+  """Reads a stage output's manifest: distillation records or source shards."""
+  name = name or os.path.basename(path.rstrip("/"))
+  manifest = records.read_manifest(path, f"dataset '{name}'")
+  fmt = manifest.get("format", "")
+  if fmt.startswith(DISTILL_FORMAT):
+    source = manifest["source"]
+    if not tf.io.gfile.exists(os.path.join(source, records.MANIFEST)):
+      raise InputPathError(f"dataset '{name}' ({path}) was built from source shards {source}, "
+                           "which are gone; put them back at that path")
+    source_counts = {s["path"]: s["count"] for s in
+                     records.read_manifest(source, f"the source of dataset '{name}'")["shards"]}
+    pairs = []
+    for f in manifest["files"]:
+      shard = os.path.basename(f["path"])
+      if f["count"]:
+        pairs.append((os.path.join(path, f["path"]), f["count"], os.path.join(source, shard),
+                      source_counts[shard]))
+    pairs = tuple(pairs)
+    return InputSpec(name=name, path=path, kind="distill", pairs=pairs,
+                     num_classes=int(manifest["num_classes"]),
+                     num_examples=int(manifest["num_records"]),
+                     epoch_examples=max(1, int(manifest["num_records"]) // int(manifest["replicas"])),
+                     resolution=int(manifest["resolution"]), top_k=int(manifest["top_k"]),
+                     recipe=manifest["recipe"])
+  if fmt.startswith(SOURCE_FORMAT):
+    pairs = tuple(("", 0, os.path.join(path, s["path"]), s["count"])
+                  for s in manifest["shards"] if s["count"])
+    return InputSpec(name=name, path=path, kind="source", pairs=pairs,
+                     num_classes=int(manifest["num_classes"]),
+                     num_examples=int(manifest["num_examples"]),
+                     epoch_examples=int(manifest["num_examples"]))
+  raise InputPathError(f"dataset '{name}' ({path}) is neither distillation records nor source "
+                       f"shards (manifest format {fmt!r})")
+
+
+# ---- per-dataset streams of light elements (encoded images, parameters, teacher) --------------
+
+def _read_whole(path, count):
+  """A file's `count` records as one batch (count from the manifest, so nothing over-allocates)."""
+  return tf.data.TFRecordDataset(path).batch(count).get_single_element()
+
+
+def _source_table(shard_path, count):
+  """One source shard, read whole: encoded images, labels, ids, heights, widths by position."""
+  def fields(serialized):
+    ex = records.parse_source(serialized)
+    return {"encoded": ex["image/encoded"], "label": tf.cast(ex["image/label"], tf.int32),
+            "id": ex["image/id"], "height": tf.cast(ex["image/height"], tf.int32),
+            "width": tf.cast(ex["image/width"], tf.int32)}
+  return tf.data.TFRecordDataset(shard_path).map(fields).batch(count).get_single_element()
+
+
+def _permuted(count, seed, shuffle: bool):
+  """Positions 0..count-1, in a stateless random order of `seed` when shuffling."""
+  positions = tf.data.Dataset.range(count)
+  if not shuffle:
+    return positions
+  return positions.map(lambda j: tf.random.experimental.index_shuffle(j, seed, count - 1))
+
+
+def _dense_teacher(ex, num_classes):
+  """Full logits as stored, or top-k logits scattered into -inf (classes the record lacks)."""
+  if "teacher_logits" in ex:
+    return ex["teacher_logits"]
+  return tf.tensor_scatter_nd_update(
+      tf.fill([num_classes], float("-inf")), ex["topk_indices"][:, None], ex["topk_values"])
+
+
+def _pair_seed(seed, dataset_index, epoch, pair):
+  """The [2] stateless seed of one (dataset, epoch, pair)."""
+  return tf.stack([tf.cast(seed * 1_000_003 + dataset_index, tf.int64),
+                   tf.cast(epoch, tf.int64) * 1_000_003 + tf.cast(pair, tf.int64)])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamOptions:
+  """How the per-dataset streams are read."""
+  seed: int = 0
+  shuffle: bool = True              # a fresh random order of each pair's records every epoch
+  cycle_length: int = 16            # pairs read at once (interleaved one element each)
+  supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
+
+
+def _stream(spec: InputSpec, index: int, num_classes: int, opts: StreamOptions, pairs):
+  """Infinite stream of one dataset's light elements, epoch after epoch."""
+  count = len(pairs)
+  rec_files = tf.constant([p[0] for p in pairs])
+  rec_counts = tf.constant([p[1] for p in pairs], tf.int64)
+  src_files = tf.constant([p[2] for p in pairs])
+  src_counts = tf.constant([p[3] for p in pairs], tf.int64)
+
+  def pick(i):
+    epoch = i // count
+    k = i % count
+    if opts.shuffle:
+      perm_seed = tf.stack([tf.constant(opts.seed * 1_000_003 + index, tf.int64), epoch])
+      k = tf.random.experimental.index_shuffle(k, perm_seed, count - 1)
+    return epoch, k, rec_files[k], rec_counts[k], src_files[k], src_counts[k]
+
+  def distill_pair(epoch, k, rec_file, rec_count, src_file, src_count):
+    table = _source_table(src_file, src_count)
+    recs = _read_whole(rec_file, rec_count)
+
+    def attach(j):
+      ex = records.parse_distill(recs[j], spec.top_k)
+      at = ex["source_index"]
+      partner = tf.where(ex["partner_index"] >= 0, ex["partner_index"], at)
+      return {"image": table["encoded"][at], "partner": table["encoded"][partner],
+              "params": ex["params"], "label": table["label"][at],
+              "teacher": _dense_teacher(ex, num_classes),
+              "dataset": tf.constant(index, tf.int32)}
+    return _permuted(rec_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(attach)
+
+  def source_pair(epoch, k, rec_file, rec_count, src_file, src_count):
+    del rec_file, rec_count
+    table = _source_table(src_file, src_count)
+    recipe = opts.supervised_recipe
+
+    def draw(j):
+      key = tf.random.experimental.stateless_fold_in(
+          _pair_seed(opts.seed, index, epoch, 0)[:2],
+          tf.strings.to_hash_bucket_fast(table["id"][j], 1 << 62))
+      shape = tf.stack([table["height"][j], table["width"][j], 3])
+      return {"image": table["encoded"][j], "partner": table["encoded"][j],
+              "params": augment.sample(recipe, key, shape), "label": table["label"][j],
+              "teacher": tf.zeros([num_classes], tf.float32),
+              "dataset": tf.constant(index, tf.int32)}
+    return _permuted(src_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(draw)
+
+  make_pair = distill_pair if spec.kind == "distill" else source_pair
+  return (tf.data.Dataset.counter()
+          .map(pick)
+          .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1,
+                      num_parallel_calls=min(opts.cycle_length, count), deterministic=True))
+
+
+# ---- mixing ---------------------------------------------------------------------------------
+
+def normalise_schedule(names, weights=None, schedule=None):
+  """-> (boundaries [n], weight table [n, datasets]): weights from step boundaries[i] on.
+
+  `weights` maps dataset name -> weight; `schedule` is [(start_step, {name: weight}), ...]
+  beginning at step 0. Missing names weigh 0. Weights need not sum to one.
+  """
+  if schedule is None:
+    schedule = [(0, weights if weights is not None else {n: 1.0 for n in names})]
+  elif weights is not None:
+    raise ConfigError("set either the mixture weights or a weight schedule, not both")
+  schedule = sorted(((int(s), dict(w)) for s, w in schedule), key=lambda x: x[0])
+  if schedule[0][0] != 0:
+    raise ConfigError(f"the weight schedule must start at step 0, not {schedule[0][0]}")
+  table = []
+  for start, w in schedule:
+    unknown = sorted(set(w) - set(names))
+    if unknown:
+      raise ConfigError(f"mixture weights name {unknown}, which are not training datasets "
+                        f"{sorted(names)}; use one of those names")
+    row = [float(w.get(n, 0.0)) for n in names]
+    if min(row) < 0 or sum(row) <= 0:
+      raise ConfigError(f"mixture weights at step {start} must be >= 0 with a positive sum, "
+                        f"got {w}")
+    table.append([r / sum(row) for r in row])
+  return [s for s, _ in schedule], table
+
+
+def mix(streams, boundaries, table, examples_per_step: int, seed: int):
+  """Draws each element from one stream, with the weights of the element's training step."""
+  if len(streams) == 1:
+    return streams[0]
+  if len(table) == 1:
+    return tf.data.Dataset.sample_from_datasets(streams, weights=table[0], seed=seed,
+                                                stop_on_empty_dataset=True)
+  bounds = tf.constant(boundaries, tf.int64)
+  rows = tf.constant(table, tf.float32)
+
+  def weights_at(i):
+    step = i // examples_per_step
+    return rows[tf.searchsorted(bounds, step[None], side="right")[0] - 1]
+  weights = tf.data.Dataset.counter().map(weights_at)
+  return tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed,
+                                              stop_on_empty_dataset=True)
+
+
+# ---- replay and the whole pipeline -----------------------------------------------------------
+
+def replay(element, resolution: int):
+  """Light element -> the pixels the teacher saw (float32 [-1, 1]), label, teacher, dataset."""
+  params = element["params"]
+  image = augment.decode(element["image"])
+  partner = tf.cond(params["mix_ratio"] < 1.0, lambda: augment.decode(element["partner"]),
+                    lambda: tf.zeros([1, 1, 3], tf.uint8))
+  pixels = augment.apply(image, params, resolution, partner)
+  return {"image": pixels, "label": element["label"], "teacher": element["teacher"],
+          "dataset": element["dataset"]}
+
+
+def _options(deterministic: bool):
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+  options.experimental_symbolic_checkpoint = True
+  return options
+
+
+def train_dataset(specs, *, resolution: int, host_batch: int, num_classes: int,
+                  weights=None, schedule=None, num_hosts: int = 1, host: int = 0,
+                  shard_policy: str = "auto", deterministic: bool = True,
+                  options: StreamOptions = StreamOptions()):
+  """The training input of one host: batches of {image, label, teacher, dataset}."""
+  names = [s.name for s in specs]
+  boundaries, table = normalise_schedule(names, weights, schedule)
+  for spec in specs:
+    if spec.num_classes != num_classes:
+      what = "teacher logits over" if spec.kind == "distill" else "labels of"
+      raise ConfigError(f"dataset '{spec.name}' ({spec.path}) has {what} {spec.num_classes} "
+                        f"classes but the model has {num_classes}; train on data with the "
+                        "model's classes")
+    if not spec.pairs:
+      raise InputPathError(f"dataset '{spec.name}' ({spec.path}) holds no examples")
+  if shard_policy == "auto":
+    shard_policy = "files" if all(len(s.pairs) >= num_hosts for s in specs) else "data"
+  if shard_policy not in ("files", "data"):
+    raise ConfigError(f"shard_policy must be 'auto', 'files' or 'data', not {shard_policy!r}")
+  if shard_policy == "files" and any(len(s.pairs) < num_hosts for s in specs):
+    raise ConfigError(f"shard_policy 'files' needs at least {num_hosts} files per dataset (one "
+                      "per host); use shard_policy='data'")
+  per_host = shard_policy == "files" and num_hosts > 1
+  streams = [_stream(s, i, num_classes, options,
+                     s.pairs[host::num_hosts] if per_host else s.pairs)
+             for i, s in enumerate(specs)]
+  step_examples = host_batch if per_host else host_batch * num_hosts
+  ds = mix(streams, boundaries, table, step_examples, options.seed)
+  if shard_policy == "data" and num_hosts > 1:
+    ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
+  ds = (ds.map(lambda e: replay(e, resolution), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(host_batch, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE))
+  return ds.with_options(_options(deterministic))
+
+
+def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: float = 0.875):
+  """Held-out source shards -> batches of {image (central crop), label}, every image once."""
+  spec = open_dataset(path, "eval")
+  if spec.kind != "source":
+    raise ConfigError(f"eval data {path} must be source shards (data_prep.ingest output)")
+  files = [p[2] for p in spec.pairs]
+
+  def prepare(serialized):
+    ex = records.parse_source(serialized)
+    image = augment.center_crop(augment.decode(ex["image/encoded"]), resolution, crop_fraction)
+    return {"image": image, "label": tf.cast(ex["image/label"], tf.int32)}
+  ds = (tf.data.TFRecordDataset(files)
+        .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE))
+  return ds, spec

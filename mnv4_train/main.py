@@ -1,0 +1,103 @@
+"""Training entry point: `python -m mnv4_train.main --gin_file=conv_l_distill.gin --workdir=DIR`.
+
+Gin files are found by name in `gin_configs/` (or given as paths); `--gin_bindings` override
+them, e.g. `--gin_bindings="train.distribution='tpu'"`. Everything a run needs is an argument of
+`mnv4_train.train.train`; the workdir is the only flag it takes from here (it is not a gin
+binding, so nothing binds it twice). A run in a workdir that holds checkpoints resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+
+from mnv4_train.errors import ConfigError, exit_on_user_error
+
+PROG = "mnv4_train.main"
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "gin file: a name in gin_configs/ or a path")
+flags.DEFINE_multi_string("gin_bindings", [], "gin binding, e.g. \"train.train_steps=100\"")
+flags.DEFINE_string("workdir", None, "run folder (local or gs://); resumes if it holds a run")
+
+
+def available_gin_files() -> list[str]:
+  if not os.path.isdir(GIN_DIR):
+    return []
+  return sorted(f for f in os.listdir(GIN_DIR) if f.endswith(".gin"))
+
+
+def resolve_gin_file(name: str) -> str:
+  """A path as given, else a file of that name in gin_configs/ (".gin" may be left off)."""
+  if os.path.isfile(name):
+    return name
+  for candidate in (name, name + ".gin"):
+    path = os.path.join(GIN_DIR, candidate)
+    if os.path.isfile(path):
+      return path
+  raise ConfigError(f"unknown gin file {name!r}; available in {GIN_DIR}: "
+                    f"{', '.join(available_gin_files()) or 'none'}")
+
+
+def parse_gin(gin_files, bindings):
+  """Parses the files and bindings; a bad one is a ConfigError naming it."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from mnv4_train import train  # noqa: F401  registers the configurable  # pylint: disable=import-outside-toplevel,unused-import
+  paths = [resolve_gin_file(f) for f in gin_files]
+  gin.add_config_file_search_path(GIN_DIR)
+  for path in paths:
+    gin.add_config_file_search_path(os.path.dirname(os.path.abspath(path)))
+  for path in paths:
+    try:
+      gin.parse_config_file(path)
+    except Exception as e:  # gin raises several types for a bad file
+      raise ConfigError(f"gin file {path}: {_first_line(e)}") from None
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except Exception as e:
+      raise ConfigError(f"bad gin binding {binding!r}: {_first_line(e)}; bindings look like "
+                        "\"train.train_steps=100\"") from None
+  try:
+    gin.finalize()
+  except ValueError as e:  # a %gin.REQUIRED left unset
+    raise ConfigError(f"{_first_line(e)}; set it with --gin_bindings") from None
+
+
+def _first_line(e):
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def run(gin_files, bindings, workdir) -> dict:
+  if not gin_files:
+    raise ConfigError(f"give --gin_file (one of: {', '.join(available_gin_files())})")
+  if not workdir:
+    raise ConfigError("give --workdir, the run folder")
+  parse_gin(gin_files, bindings)
+  from mnv4_train import train  # pylint: disable=import-outside-toplevel
+  try:
+    return train.train(workdir)
+  except RuntimeError as e:
+    if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+      raise ConfigError(f"{_first_line(e)}; add them to the gin file or --gin_bindings") from None
+    raise
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"{PROG}: error: unexpected arguments {argv[1:]} (see --help)", file=sys.stderr)
+    sys.exit(2)
+  logging.getLogger().setLevel(logging.INFO)
+  with exit_on_user_error(PROG):
+    result = run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+    summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in result.items())
+    print(f"{PROG}: {summary}")
+
+
+if __name__ == "__main__":
+  app.run(main)

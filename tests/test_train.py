@@ -1,0 +1,327 @@
+"""Training: the loss against NumPy, the replayed input, mixing, resume, multi-worker, errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mnv4_train import models
+from mnv4_train.data import pipeline
+from mnv4_train.distill import Distiller, kd_loss, label_loss, topk_to_dense
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- the loss ---------------------------------------------------------------------------------
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_kd(student, teacher, t):
+  log_p = _np_log_softmax(teacher / t)
+  log_q = _np_log_softmax(student / t)
+  return (np.exp(log_p) * (log_p - log_q)).sum(-1) * t * t
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_loss_equals_numpy_for_full_and_topk_logits(temperature):
+  rng = np.random.default_rng(int(temperature))
+  student = rng.normal(0, 3, (16, 50)).astype("float32")
+  teacher = rng.normal(0, 3, (16, 50)).astype("float32")
+  got = kd_loss(student, teacher, temperature).numpy()
+  np.testing.assert_allclose(got, _np_kd(student.astype("float64"), teacher.astype("float64"),
+                                         temperature), rtol=2e-5, atol=1e-6)
+  assert np.all(got >= 0)
+  np.testing.assert_allclose(kd_loss(teacher, teacher, temperature).numpy(), 0, atol=1e-5)
+
+  # Top-k records: the teacher's distribution is over its k classes only (renormalised), and
+  # the student's log-probabilities are over all classes.
+  k = 5
+  idx = np.argsort(-teacher, -1)[:, :k]
+  vals = np.take_along_axis(teacher, idx, -1)
+  dense = topk_to_dense(idx, vals, 50)
+  assert np.isneginf(dense.numpy()).sum() == 16 * (50 - k)
+  got = kd_loss(student, dense, temperature).numpy()
+  p = np.exp(_np_log_softmax(vals.astype("float64") / temperature))
+  log_q = np.take_along_axis(_np_log_softmax(student.astype("float64") / temperature), idx, -1)
+  want = (p * (np.log(p) - log_q)).sum(-1) * temperature ** 2
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+  # The pipeline builds the same dense form from records.
+  ex = {"topk_indices": tf.constant(idx[0], tf.int32), "topk_values": tf.constant(vals[0])}
+  np.testing.assert_array_equal(pipeline._dense_teacher(ex, 50).numpy(), dense.numpy()[0])  # pylint: disable=protected-access
+
+
+def test_label_loss_with_smoothing_equals_numpy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(0, 2, (8, 10)).astype("float32")
+  labels = rng.integers(0, 10, 8)
+  targets = np.eye(10)[labels] * 0.9 + 0.01
+  want = -(targets * _np_log_softmax(logits.astype("float64"))).sum(-1)
+  np.testing.assert_allclose(label_loss(logits, labels, 10, 0.1).numpy(), want, rtol=1e-5)
+
+
+def test_gradients_reach_every_student_weight_and_no_teacher_weight():
+  student = models.build("conv_s", num_classes=10, width=0.25, resolution=32)
+  teacher = models.build("conv_s", num_classes=10, width=0.25, resolution=32)
+  distiller = Distiller(student, teacher, temperature=2.0, label_weight=0.5)
+  x = tf.random.uniform([4, 32, 32, 3], -1, 1)
+  y = {"label": tf.constant([1, 2, 3, 4])}
+  with tf.GradientTape() as tape:
+    loss = distiller.compute_loss(x, y, distiller(x, training=True))
+  variables = student.trainable_variables + teacher.trainable_variables
+  grads = tape.gradient(loss, student.trainable_variables + teacher.weights)
+  assert not teacher.trainable_variables and len(variables) == len(student.trainable_variables)
+  assert all(g is not None for g in grads[:len(student.trainable_variables)])
+  assert all(g is None for g in grads[len(student.trainable_variables):])
+
+
+def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
+  """The loss and wrapper are keras.ops only: `fit` runs on JAX and the loss falls."""
+  script = tmp_path / "jax_fit.py"
+  script.write_text(
+      "import os\nos.environ['KERAS_BACKEND'] = 'jax'\n"
+      "import numpy as np, keras\n"
+      "from mnv4_train import models\nfrom mnv4_train.distill import Distiller\n"
+      "keras.utils.set_random_seed(0)\n"
+      "s = models.build('conv_s', num_classes=4, width=0.25, resolution=32, bn_momentum=0.9)\n"
+      "d = Distiller(s, temperature=2.0, label_weight=0.5)\n"
+      "rng = np.random.default_rng(0)\n"
+      "labels = np.arange(32) % 4\n"
+      "patterns = rng.uniform(-1, 1, (4, 32, 32, 3))\n"
+      "x = (patterns[labels] + rng.normal(0, 0.3, (32, 32, 32, 3))).astype('float32')\n"
+      "y = {'label': labels, 'teacher': (4.0 * np.eye(4)[labels]).astype('float32')}\n"
+      "d.compile(optimizer=keras.optimizers.Adam(3e-3))\n"
+      "h = d.fit(x, y, batch_size=8, epochs=8, verbose=0).history['loss']\n"
+      "print(keras.backend.backend(), h[0], h[-1])\n")
+  out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO,
+                       check=True).stdout.split()
+  assert out[0] == "jax"
+  assert float(out[2]) < 0.7 * float(out[1])
+
+
+# ---- the input pipeline -----------------------------------------------------------------------
+
+def test_replayed_pixels_give_the_teachers_stored_logits(distill_records, teacher_path):
+  """Trainer input (D1 full logits + D2 top-3, mixed): the teacher on the replayed pixels."""
+  specs = [pipeline.open_dataset(distill_records["d1"], "d1"),
+           pipeline.open_dataset(distill_records["d2"], "d2")]
+  ds = pipeline.train_dataset(specs, resolution=32, host_batch=50, num_classes=10,
+                              weights={"d1": 0.5, "d2": 0.5})
+  teacher = keras.saving.load_model(teacher_path)
+  seen = {0: 0, 1: 0}
+  for batch in ds.take(4):
+    recomputed = teacher.predict(batch["image"], verbose=0)
+    stored = batch["teacher"].numpy()
+    for got, want, which in zip(recomputed, stored, batch["dataset"].numpy()):
+      seen[int(which)] += 1
+      kept = np.isfinite(want)
+      assert kept.sum() == (10 if which == 0 else 3)
+      # float16 storage (relative 2^-11) plus the teacher's own float noise.
+      np.testing.assert_allclose(want[kept], got[kept], rtol=1e-3, atol=1e-3)
+      if which == 1:  # top-k: the stored classes are the teacher's top 3
+        assert set(np.flatnonzero(kept)) == set(np.argsort(-got)[:3])
+  assert seen[0] > 40 and seen[1] > 40
+
+
+def test_mixing_follows_weights_and_a_schedule_switches_on_time(source_shards):
+  src = source_shards[0]
+  specs = [pipeline.open_dataset(src, "a"), pipeline.open_dataset(src, "b")]
+  opts = pipeline.StreamOptions(supervised_recipe=pipeline.augment.Recipe("plain"))
+  ds = pipeline.train_dataset(specs, resolution=16, host_batch=100, num_classes=10,
+                              weights={"a": 0.3, "b": 0.7}, options=opts)
+  which = np.concatenate([b["dataset"].numpy() for b in ds.take(40)])
+  share = np.mean(which == 0)
+  # 4000 draws: the binomial standard deviation is 0.007.
+  assert abs(share - 0.3) < 0.03, share
+
+  ds = pipeline.train_dataset(specs, resolution=16, host_batch=100, num_classes=10,
+                              schedule=[(0, {"a": 1.0}), (10, {"a": 0.2, "b": 0.8})],
+                              options=opts)
+  steps = [b["dataset"].numpy() for b in ds.take(40)]
+  assert all(np.all(s == 0) for s in steps[:10])  # step 0..9: only a
+  after = np.concatenate(steps[10:])
+  assert abs(np.mean(after == 0) - 0.2) < 0.03
+
+
+def test_the_stream_is_a_function_of_the_seed(source_shards):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+
+  def labels(seed):
+    ds = pipeline.train_dataset([spec], resolution=16, host_batch=50, num_classes=10,
+                                options=pipeline.StreamOptions(seed=seed))
+    return np.concatenate([b["label"].numpy() for b in ds.take(6)])
+  first = labels(0)
+  np.testing.assert_array_equal(first, labels(0))
+  assert not np.array_equal(first, labels(1))
+  # Two epochs of 200 images in 300 draws: each image at most twice, all of epoch 1 present.
+  assert len(first) == 300
+
+
+# ---- runs through the CLI ---------------------------------------------------------------------
+
+def _main(workdir, *bindings, gin_file="smoke.gin", env=None, check=True):
+  cmd = [sys.executable, "-m", "mnv4_train.main", f"--gin_file={gin_file}",
+         f"--workdir={workdir}"] + [f"--gin_bindings={b}" for b in bindings]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+  if check and proc.returncode:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc
+
+
+def _history(workdir):
+  with open(os.path.join(workdir, "history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, distill_records,
+                                                            tmp_path):
+  work = str(tmp_path / "run")
+  proc = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}",
+               f"train.eval_data='{source_shards[0]}'")
+  assert "top1" in proc.stdout
+  metrics = json.load(open(os.path.join(work, "metrics.json")))
+  assert metrics["finished"] and metrics["step"] == 3 and metrics["examples"] == 200
+  assert [h["step"] for h in _history(work)] == [1, 2, 3]
+  student = keras.saving.load_model(metrics["export"])
+  assert student.output_shape == (None, 10)
+  with open(os.path.join(work, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "train.model = 'conv_s'" in open(os.path.join(work, "operative_config.gin")).read()
+  # Finished runs are not trained again: the same command returns at once.
+  again = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}")
+  assert "step 3" in again.stdout and len(_history(work)) == 3
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_data(distill_records, tmp_path):
+  data = f"train.datasets={{'d1': '{distill_records['d1']}', 'd2': '{distill_records['d2']}'}}"
+  common = [data, "train.train_steps=40", "train.checkpoint_every=10", "train.op_determinism=True"]
+  straight = str(tmp_path / "straight")
+  _main(straight, *common)
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={killed}"]
+  proc = subprocess.Popen(cmd + [f"--gin_bindings={b}" for b in common], cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  hist = os.path.join(killed, "history.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(hist) and len(open(hist).read().splitlines()) >= 25:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  logged = len(open(hist).read().splitlines())
+  assert 25 <= logged < 40
+  _main(killed, *common)
+  a, b = _history(straight), _history(killed)
+  assert [h["step"] for h in b] == list(range(1, 41)) == [h["step"] for h in a]
+  np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-5)
+  np.testing.assert_allclose([h["mixture"]["d1"] for h in b], [h["mixture"]["d1"] for h in a])
+
+
+def _free_ports(n):
+  socks = [socket.socket() for _ in range(n)]
+  for s in socks:
+    s.bind(("localhost", 0))
+  ports = [s.getsockname()[1] for s in socks]
+  for s in socks:
+    s.close()
+  return ports
+
+
+@pytest.mark.slow
+def test_two_workers_train_like_one_worker_with_two_replicas(distill_records, tmp_path):
+  common = [f"train.datasets={{'d1': '{distill_records['d1']}'}}", "train.train_steps=6",
+            "train.global_batch_size=16", "train.shard_policy='data'",
+            "train.op_determinism=True"]
+  one = str(tmp_path / "one")
+  _main(one, *common, "train.cpu_replicas=2")
+  two = str(tmp_path / "two")
+  ports = _free_ports(2)
+  cluster = {"worker": [f"localhost:{p}" for p in ports]}
+  procs = []
+  for index in range(2):
+    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
+                                                  "task": {"type": "worker", "index": index}}))
+    cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={two}"]
+    procs.append(subprocess.Popen(
+        cmd + [f"--gin_bindings={b}" for b in common + ["train.distribution='multiworker'"]],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  a, b = _history(one), _history(two)
+  assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 7))
+  np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-4)
+  run = json.load(open(os.path.join(two, "run.json")))
+  assert run["hosts"] == 2 and run["replicas"] == 2
+
+
+def _one_line_error(proc, *needles):
+  """A non-zero exit with exactly one error line (progress log lines may come before it)."""
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  for needle in needles:
+    assert needle in lines[0], lines[0]
+  return lines[0]
+
+
+def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp_path):
+  data = f"train.datasets={{'d1': '{distill_records['d1']}'}}"
+  _one_line_error(_main(tmp_path / "a", data, gin_file="nope.gin", check=False),
+                  "unknown gin file 'nope.gin'", "smoke.gin")
+  _one_line_error(_main(tmp_path / "b", data, "train.no_such_arg=1", check=False),
+                  "bad gin binding")
+  _one_line_error(_main(tmp_path / "c", "train.model='conv_s'", check=False),
+                  "datasets")
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  if not os.access(locked, os.W_OK):  # root can write anywhere: then this case cannot be made
+    _one_line_error(_main(locked / "run", data, check=False), "not writable")
+  _one_line_error(_main(tmp_path / "d", data, "train.num_classes=7", check=False),
+                  "'d1'", "10 classes", "7")
+  # A NaN loss: stop, keep the last good checkpoint. Two good steps (checkpointed), then the
+  # same run resumed with an absurd learning rate.
+  nan = str(tmp_path / "nan")
+  _main(nan, data, "train.train_steps=6", "train.checkpoint_every=2", "train.stop_after_steps=2")
+  proc = _main(nan, data, "train.train_steps=6", "train.checkpoint_every=2",
+               "train.learning_rate=1e30", "train.warmup_steps=0", check=False)
+  line = _one_line_error(proc, "the loss became", "last good checkpoint")
+  assert line.endswith("check the teacher logits") and "ckpt-2" in line
+  kept = sorted(f for f in os.listdir(os.path.join(nan, "checkpoints")) if f.endswith(".index"))
+  assert kept == ["ckpt-2.index"]
+
+
+def test_every_gin_file_parses_and_sets_a_known_model():
+  import gin
+  from mnv4_train import main, train  # noqa: F401  registers `train`
+  names = main.available_gin_files()
+  for required in ("conv_s_distill.gin", "conv_m_distill.gin", "conv_l_distill.gin",
+                   "hybrid_m_distill.gin", "hybrid_l_distill.gin", "smoke.gin"):
+    assert required in names
+  for name in names:
+    gin.clear_config()
+    gin.add_config_file_search_path(main.GIN_DIR)
+    gin.parse_config_file(main.resolve_gin_file(name))
+    if name.endswith("_base.gin"):  # included by the others
+      continue
+    model = gin.query_parameter("train.model")
+    assert model in models.MODEL_NAMES, (name, model)
+    if name.endswith("_distill.gin") and not name.startswith("digits"):
+      assert gin.query_parameter("train.teacher") == "records"
+      assert set(gin.query_parameter("train.datasets")) == {"d1", "d2", "d3"}
+      assert gin.query_parameter("train.resolution") == models.canonical_resolution(model)
+  gin.clear_config()
