@@ -50,11 +50,18 @@ def parse_args(argv):
   parser.add_argument("--replicas", type=int, default=4,
                       help="augmented replicas of each distillation dataset (D1, D2)")
   parser.add_argument("--holdout_fraction", type=float, default=0.2)
+  parser.add_argument("--crop_area_min", type=float, default=0.5,
+                      help="smallest inception-crop area in D1/D2 (the paper: 0.08, for "
+                      "224 px photos; a small crop of a 32 px digit is noise)")
+  parser.add_argument("--flip", choices=["auto", "yes", "no"], default="auto",
+                      help="horizontal flips in D1/D2 (auto: not for digits, yes for --images)")
   args = parser.parse_args(argv)
   if args.images is not None and not os.path.isdir(args.images):
     parser.error(f"--images {args.images} is not a folder of class_name/ subfolders")
   if args.resolution < 16 or args.replicas < 1:
     parser.error("--resolution must be >= 16 and --replicas >= 1")
+  if args.flip == "auto":
+    args.flip = "no" if args.images is None else "yes"
   if args.workspace is None:
     name = "digits" if args.images is None else os.path.basename(os.path.abspath(args.images))
     args.workspace = os.path.join("workspace", name)
@@ -108,13 +115,12 @@ def _job(stage, folder, argv, marker="manifest.json"):
   _run(stage, argv)
 
 
-def measure(keras_path, eval_folder, resolution, batch=64, rounds=5):
+def measure(keras_path, resolution, batch=64, rounds=5):
   """(parameters, MACs, images/s of inference on this CPU at `batch`)."""
   import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from mnv4_train.models import profile  # pylint: disable=import-outside-toplevel
-  del eval_folder
   model = keras.saving.load_model(keras_path, compile=False)
   macs = sum(c.macs for c in profile.layer_costs(model, resolution))
   x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)),
@@ -129,13 +135,36 @@ def measure(keras_path, eval_folder, resolution, batch=64, rounds=5):
   return model.count_params(), macs, best
 
 
+def plot_eval(runs, workspace):
+  """Held-out top-1 over training of every run, in one PNG (workspace/report.png)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for label, workdir in runs:
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    ax.plot([r["step"] for r in rows], [100 * r["top1"] for r in rows], "o-", label=label)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("held-out top-1 (%)")
+  ax.set_ylim(0, 100)
+  ax.legend(loc="lower right")
+  ax.set_title("teacher, label-only student, distilled student")
+  fig.tight_layout()
+  path = os.path.join(workspace, "report.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def report(args, runs, export_dir):
   rows = []
   for label, workdir in runs:
     with open(os.path.join(workdir, "metrics.json")) as f:
       metrics = json.load(f)
-    params, macs, speed = measure(metrics["export"], None, args.resolution)
-    rows.append({"model": label, "top1": metrics["top1"], "top5": metrics["top5"],
+    params, macs, speed = measure(metrics["export"], args.resolution)
+    rows.append({"model": label, "workdir": workdir, "top1": metrics["top1"],
+                 "top5": metrics["top5"],
                  "params": params, "macs": macs, "images_per_second": speed,
                  "curves": os.path.join(workdir, "curves.png")})
   export = {}
@@ -143,18 +172,29 @@ def report(args, runs, export_dir):
   if os.path.exists(report_path):
     with open(report_path) as f:
       export = json.load(f)
-  out = {"workspace": args.workspace, "resolution": args.resolution, "runs": rows,
-         "export": export}
+  sources = {}
+  for subset in ("train", "holdout"):
+    with open(os.path.join(args.workspace, "sources", subset, "manifest.json")) as f:
+      m = json.load(f)
+    sources[subset] = {"images": m["num_examples"], "classes": m["num_classes"],
+                       "unreadable_skipped": m["dead_letter"]}
+  out = {"workspace": args.workspace, "resolution": args.resolution, "sources": sources,
+         "runs": rows, "export": export, "curves": plot_eval(runs, args.workspace)}
   with open(os.path.join(args.workspace, "report.json"), "w") as f:
     json.dump(out, f, indent=1)
   print()
+  skipped = sources["train"]["unreadable_skipped"]
+  print(f"{sources['train']['classes']} classes: {sources['train']['images']} training and "
+        f"{sources['holdout']['images']} held-out images; {skipped} unreadable files skipped "
+        f"(listed in sources/*/dead_letter.jsonl)")
   print(f"{'model':<28}{'held-out top-1':>15}{'top-5':>8}{'params':>11}{'MACs':>12}"
         f"{'images/s':>10}")
   for r in rows:
     print(f"{r['model']:<28}{100 * r['top1']:>14.2f}%{100 * r['top5']:>7.1f}%"
           f"{r['params']:>11,}{r['macs'] / 1e6:>10.2f} M{r['images_per_second']:>10.0f}")
-  print(f"(images/s: batch 64 at {args.resolution} px on this CPU; curves: each run's "
-        "curves.png; all of it in report.json)")
+  print(f"(images/s: batch 64 at {args.resolution} px on this CPU; held-out accuracy over "
+        f"training: {out['curves']}; each run's losses: runs/*/curves.png; all of it in "
+        f"{os.path.join(args.workspace, 'report.json')})")
   return out
 
 
@@ -188,7 +228,8 @@ def run(argv=None) -> dict:
     _job(f"5/8 {recipe}", folder,
          ["data_prep.distill", f"--recipe={recipe}", f"--source={ws}/sources/train",
           f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas}",
-          "--replicas_per_task=1", "--batch_size=64"] + beam)
+          "--replicas_per_task=1", "--batch_size=64", f"--crop_area_min={args.crop_area_min}"]
+         + (["--no_flip"] if args.flip == "no" else []) + beam)
   _train("6/8 student", "digits_distill.gin", os.path.join(runs, "student_distill"), args)
   export_dir = os.path.join(ws, "export")
   _job("7/8 export", export_dir,
@@ -205,7 +246,12 @@ def run(argv=None) -> dict:
 
 def main(argv=None):
   with exit_on_user_error(PROG):
-    run(argv)
+    try:
+      run(argv)
+    except KeyboardInterrupt:
+      print(f"{PROG}: interrupted; run the same command again to resume (finished stages are "
+            "kept, training resumes from its last checkpoint)", file=sys.stderr)
+      sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,12 @@ def main(argv):
     sys.exit(2)
   logging.getLogger().setLevel(logging.INFO)
   with exit_on_user_error(PROG):
-    result = run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+    try:
+      result = run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
+    except KeyboardInterrupt:
+      print(f"{PROG}: interrupted; the same command resumes from the last checkpoint",
+            file=sys.stderr)
+      sys.exit(130)
     summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in result.items())
     print(f"{PROG}: {summary}")

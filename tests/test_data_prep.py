@@ -344,3 +344,36 @@ def test_a_failing_job_leaves_no_output_that_looks_complete(source_shards, teach
     distill.run(["--recipe=d1", f"--source={broken}", f"--teacher={teacher_path}",
                  f"--out={out}", "--replicas=1"])
   assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
+
+
+def test_holdout_split_is_disjoint_stable_and_complete(digits_folder, source_shards, tmp_path):
+  root, written = digits_folder
+  ids = {}
+  for subset in ("train", "holdout"):
+    out = str(tmp_path / subset)
+    m = ingest.run([f"--images={root}", f"--out={out}", "--num_shards=2",
+                    "--holdout_fraction=0.25", f"--subset={subset}"])
+    assert m["num_classes"] == 10 and m["dead_letter"] == len(CORRUPT_FILES)
+    ids[subset] = {r["id"] for s in m["shards"]
+                   for r in transforms.read_shard(os.path.join(out, s["path"]))}
+  assert not ids["train"] & ids["holdout"]
+  assert ids["train"] | ids["holdout"] == set(written)
+  assert 0.15 < len(ids["holdout"]) / len(written) < 0.35
+  assert all(ingest.in_holdout(i, 0.25) for i in ids["holdout"])
+  _one_line_error(_cli("data_prep.ingest", f"--images={root}", f"--out={tmp_path}/x",
+                       "--subset=train"), "--holdout_fraction")
+
+
+def test_distill_recipe_overrides_reach_the_records(source_shards, teacher_path, tmp_path):
+  src, _ = source_shards
+  out = str(tmp_path / "d1")
+  m = distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={out}", "--replicas=1", "--crop_area_min=0.5", "--no_flip",
+                   "--ra_magnitude=5"])
+  spec = m["recipe_spec"]
+  assert spec["crop_area"] == [0.5, 1.0] and not spec["flip"] and spec["ra_magnitude"] == 5.0
+  for _, r in _load_records(out):
+    crop = r["params"]["crop"].numpy()
+    assert crop[2] * crop[3] >= 0.5 * 32 * 32 * 0.95  # area within the sampler's rounding
+    assert int(r["params"]["flip"]) == 0
+    np.testing.assert_array_equal(r["params"]["ra_magnitude"].numpy(), [5.0, 5.0, 0.0])

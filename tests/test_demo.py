@@ -1,0 +1,110 @@
+"""The main job end to end (`python -m mnv4_train.demo`): digits, and a user's own folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep.digits import write_digits_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo(*args, check=True):
+  proc = subprocess.run([sys.executable, "-m", "mnv4_train.demo", *args], capture_output=True,
+                        text=True, cwd=REPO)
+  if check and proc.returncode:
+    raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+  return proc
+
+
+@pytest.mark.slow
+def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
+  ws = str(tmp_path / "ws")
+  proc = _demo(f"--workspace={ws}")
+  report = json.load(open(os.path.join(ws, "report.json")))
+  teacher, labels_only, distilled = (r["top1"] for r in report["runs"])
+  print(f"held-out top-1: teacher {teacher:.4f}, labels only {labels_only:.4f}, "
+        f"distilled {distilled:.4f}")
+  assert distilled >= 0.97 and teacher - distilled <= 0.015
+  assert report["sources"]["holdout"]["images"] > 300
+  assert "student, distilled" in proc.stdout and "held-out top-1" in proc.stdout
+  student = report["runs"][2]
+  assert student["params"] < report["runs"][0]["params"] and student["macs"] > 0
+  for path in [report["curves"]] + [r["curves"] for r in report["runs"]]:
+    with open(path, "rb") as f:
+      assert f.read(4) == b"\x89PNG"
+  assert report["export"]["formats"]["tflite_float32"]["check"]["top1_agreement"] >= 0.99
+  # A second run reuses every stage.
+  start = time.time()
+  again = _demo(f"--workspace={ws}")
+  # images, 2 source subsets, teacher, baseline, d1, d2, student, export: all kept.
+  assert again.stdout.count("finished before") == 9, again.stdout
+  assert time.time() - start < 120
+
+
+def _user_folder(root):
+  """Three classes of real digit scans, JPEG and PNG mixed, plus corrupt files."""
+  written = write_digits_folder(str(root / "png"), per_class=25)
+  rng = np.random.default_rng(0)
+  names = {0: "zero", 1: "one", 2: "two"}
+  count = 0
+  for rel, label in written.items():
+    if label not in names:
+      continue
+    data = open(root / "png" / rel, "rb").read()
+    os.makedirs(root / "mine" / names[label], exist_ok=True)
+    if rng.random() < 0.5:
+      image = tf.io.decode_png(data)
+      data, ext = tf.io.encode_jpeg(image, quality=95).numpy(), "jpg"
+    else:
+      ext = "png"
+    (root / "mine" / names[label] / f"{count:04d}.{ext}").write_bytes(data)
+    count += 1
+  (root / "mine" / "one" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  (root / "mine" / "two" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")
+  return str(root / "mine"), count
+
+
+@pytest.mark.slow
+def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
+  folder, good = _user_folder(tmp_path)
+  ws = str(tmp_path / "ws")
+  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=2", "--replicas=1"]
+  # Ctrl-C during the teacher's training, then the same command again: it resumes.
+  proc = subprocess.Popen([sys.executable, "-m", "mnv4_train.demo", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+  ckpt = os.path.join(ws, "runs", "teacher", "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt) and any(f.endswith(".index") for f in os.listdir(ckpt)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None
+  os.killpg(proc.pid, signal.SIGINT)
+  proc.communicate(timeout=120)
+  assert not os.path.exists(os.path.join(ws, "runs", "teacher", "metrics.json"))
+  second = _demo(*args)
+  out = second.stdout
+  assert "resumed from" in second.stderr
+  report = json.load(open(os.path.join(ws, "report.json")))
+  src = report["sources"]
+  assert src["train"]["classes"] == 3
+  assert src["train"]["images"] + src["holdout"]["images"] == good
+  assert src["train"]["unreadable_skipped"] == 2
+  assert "2 unreadable files skipped" in out
+  assert all(0.0 <= r["top1"] <= 1.0 for r in report["runs"])
+  assert "2/8 sources (train): finished before" in out
+
+
+def test_bad_flags_stop_with_one_line(tmp_path):
+  proc = _demo(f"--images={tmp_path}/nope", check=False)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and "is not a folder" in lines[0]
