@@ -90,7 +90,8 @@ def host_info(strategy):
 def _check_workdir(workdir: str):
   try:
     tf.io.gfile.makedirs(workdir)
-    probe = os.path.join(workdir, ".write_probe")
+    # One probe per process: workers of one run share the workdir.
+    probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{time.time_ns()}")
     with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
     tf.io.gfile.remove(probe)

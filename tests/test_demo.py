@@ -51,7 +51,7 @@ def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
 
 def _user_folder(root):
   """Three classes of real digit scans, JPEG and PNG mixed, plus corrupt files."""
-  written = write_digits_folder(str(root / "png"), per_class=25)
+  written = write_digits_folder(str(root / "png"), per_class=15)
   rng = np.random.default_rng(0)
   names = {0: "zero", 1: "one", 2: "two"}
   count = 0
@@ -76,7 +76,7 @@ def _user_folder(root):
 def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
   folder, good = _user_folder(tmp_path)
   ws = str(tmp_path / "ws")
-  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=2", "--replicas=1"]
+  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=1", "--replicas=1"]
   # Ctrl-C during the teacher's training, then the same command again: it resumes.
   proc = subprocess.Popen([sys.executable, "-m", "mnv4_train.demo", *args], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

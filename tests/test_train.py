@@ -258,7 +258,12 @@ def test_two_workers_train_like_one_worker_with_two_replicas(distill_records, tm
     procs.append(subprocess.Popen(
         cmd + [f"--gin_bindings={b}" for b in common + ["train.distribution='multiworker'"]],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = [p.communicate(timeout=300) for p in procs]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:  # never leave a worker behind
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
   a, b = _history(one), _history(two)
   assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 7))
@@ -286,11 +291,15 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp
                   "bad gin binding")
   _one_line_error(_main(tmp_path / "c", "train.model='conv_s'", check=False),
                   "datasets")
+  # A workdir that cannot be written: read-only for a normal user; a path under a regular file
+  # even for root (this machine's tests run as root, which writes anywhere).
   locked = tmp_path / "locked"
   locked.mkdir()
   locked.chmod(0o500)
-  if not os.access(locked, os.W_OK):  # root can write anywhere: then this case cannot be made
+  if not os.access(locked, os.W_OK):
     _one_line_error(_main(locked / "run", data, check=False), "not writable")
+  (tmp_path / "afile").write_text("x")
+  _one_line_error(_main(tmp_path / "afile" / "run", data, check=False), "not writable")
   _one_line_error(_main(tmp_path / "d", data, "train.num_classes=7", check=False),
                   "'d1'", "10 classes", "7")
   # A NaN loss: stop, keep the last good checkpoint. Two good steps (checkpointed), then the
