@@ -188,8 +188,7 @@ class Trainer:
     self.global_batch = global_batch
     self.num_datasets = num_datasets
     self.l2 = l2_regularization
-    _, _, self.local_replicas = host_info(strategy)
-    self.host, self.num_hosts, _ = host_info(strategy)
+    self.host, self.num_hosts, self.local_replicas = host_info(strategy)
     self.replica_batch = global_batch // strategy.num_replicas_in_sync
     self.has_teacher = distiller.distill_weight > 0
     # loss, kd, ce, correct (labels), agreement (teacher argmax), examples, then per dataset.
