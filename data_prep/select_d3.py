@@ -63,15 +63,24 @@ def parse_args(argv):
 
 
 def replicate(rows, per_class: int):
-  """One class's kept images, best first -> (rank, row, copies) so copies sum to `per_class`.
+  """One class's kept images, best first -> (rank, row, copies); copies sum to `per_class` in expectation.
 
   Rows are (score, id, shard, position). A class with at least K images keeps its top K once
-  each; a rarer class repeats every image K // n times and the best K % n once more.
+  each. A rarer class of n images is duplicated at random, as Noisy Student does: every image
+  gets K / n copies by stochastic rounding, floor(K / n) plus one more with probability
+  K / n - floor(K / n), drawn from a stable hash of its id, so the same inputs give the same
+  copies on every run and runner, and no image is favoured for its rank.
   """
   rows = sorted(rows, key=lambda r: (-r[0], r[1]))[:per_class]
   n = len(rows)
   base, extra = divmod(per_class, n)
-  return [(rank, row, base + (rank < extra)) for rank, row in enumerate(rows)]
+  frac = extra / n
+  return [(rank, row, base + (_unit(row[1]) < frac)) for rank, row in enumerate(rows)]
+
+
+def _unit(example_id: str) -> float:
+  """A stable uniform draw in [0, 1) for an id (the D3 copy lottery)."""
+  return transforms.stable_hash("d3-copies\x1f" + example_id) / 2.0**64
 
 
 class ScoreInputs(beam.DoFn):
@@ -143,17 +152,22 @@ class Replicate(beam.DoFn):
       yield name, ((cls, rank), json.dumps(row, sort_keys=True))
 
 
-def _distinct_kept(element, per_class):
+def _class_counts(element, per_class):
+  """(class, rows) -> (class, (above the threshold, distinct kept, records after replication))."""
   cls, rows = element
-  return cls, min(len(list(rows)), per_class)
+  rows = list(rows)
+  chosen = replicate(rows, per_class)
+  return cls, (len(rows), len(chosen), sum(copies for _, _, copies in chosen))
 
 
 def _write_outputs(stats, folder, info, kept_count, per_class, num_classes):
-  kept = dict(stats)
-  unique = [kept.get(c, 0) for c in range(num_classes)]
-  total = [per_class if n else 0 for n in unique]
+  counts = dict(stats)
+  above = [counts.get(c, (0, 0, 0))[0] for c in range(num_classes)]
+  unique = [counts.get(c, (0, 0, 0))[1] for c in range(num_classes)]
+  total = [counts.get(c, (0, 0, 0))[2] for c in range(num_classes)]
   files.write_json(os.path.join(folder, files.MANIFEST), {
-      **info, "selected_unique_per_class": unique, "selected_total_per_class": total,
+      **info, "above_threshold_per_class": above,
+      "selected_unique_per_class": unique, "selected_total_per_class": total,
       "num_selected_unique": sum(unique), "num_selected_total": sum(total),
       "empty_classes": [c for c, n in enumerate(unique) if n == 0],
       "num_above_threshold": kept_count})
@@ -199,7 +213,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
           "num_classes": num_classes, "source_shards": corpus["shards"],
           "num_files": num_files}
   _ = (by_class
-       | "KeptPerClass" >> beam.Map(_distinct_kept, args.per_class)
+       | "KeptPerClass" >> beam.Map(_class_counts, args.per_class)
        | "CollectStats" >> beam.combiners.ToList()
        | "WriteManifest" >> beam.Map(_write_outputs, tmp, info,
                                      beam.pvalue.AsSingleton(kept_count), args.per_class,
