@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
 FORMAT = "mnv4-distill-records/1"
 
@@ -252,7 +252,7 @@ def check_inputs(args):
     teacher = transforms.load_teacher(args.teacher)
   except Exception as e:  # any load failure is the user's file, not our bug
     raise InputPathError(f"--teacher {args.teacher} cannot be loaded as a .keras model or "
-                         f"SavedModel: {str(e).splitlines()[0][:200]}") from None
+                         f"SavedModel: {first_line(e)[:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
   classes = transforms.teacher_output_classes(teacher, resolution)
   if source["num_classes"] and classes != source["num_classes"]:

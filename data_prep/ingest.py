@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
 EXAMPLES_PER_SHARD = 1024
 FORMAT = "mnv4-source-shards/1"
@@ -132,7 +132,7 @@ def _tfds_builder(args):
           manual_dir=args.tfds_manual_dir))
     return builder
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-    raise InputPathError(f"cannot open the TFDS dataset: {str(e).splitlines()[0]}") from None
+    raise InputPathError(f"cannot open the TFDS dataset: {first_line(e)}") from None
 
 
 class _TfdsExample(beam.DoFn):

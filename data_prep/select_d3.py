@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment
-from mnv4_train.errors import ArgumentParser, InputPathError
+from mnv4_train.errors import ArgumentParser, InputPathError, first_line
 
 FORMAT = "mnv4-d3-selection/1"
 CLASSES_PER_FILE = 64
@@ -215,7 +215,7 @@ def run(argv=None, pipeline=None) -> dict:
     classifier = transforms.load_teacher(args.classifier)
   except Exception as e:  # the user's file
     raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{first_line(e)[:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from mnv4_train.errors import ConfigError, InputPathError
+from mnv4_train.errors import ConfigError, InputPathError, first_line
 from mnv4_train.models import specs as S
 
 _BLOCK_NAME = re.compile(r"^stage(\d+)_block(\d+)$")
@@ -92,7 +92,7 @@ def load_checkpoint(path: str, *, model: str):
   try:
     loaded = keras.saving.load_model(path, compile=False)
   except Exception as e:  # noqa: BLE001  any failure to read the file is the user's to fix
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise InputPathError(f"cannot load checkpoint {path} as a Keras 3 .keras file "
                          f"({reason[:200]})") from None
   found = identify(loaded)

@@ -5,7 +5,7 @@ and FFN are its instantiations), `MobileMQA` (multi-query attention with optiona
 downsampling), plus `LayerScale`. Every layer returns its init args from `get_config()`, so a
 model saves to `.keras` and loads on the TensorFlow and JAX backends alike.
 
-Conventions shared by all blocks (see ../../../shared/reference/MNV4_ARCHITECTURE.md):
+Conventions shared by all blocks (README.md, "Choices where the paper is silent"):
 convolutions have no bias and are followed by BatchNorm; `padding="same"` is TensorFlow SAME
 (the Model Garden's convention, extra pixel bottom/right for stride 2), `padding="symmetric"`
 pads k//2 on every side (timm's convention, for imported PyTorch weights).
