@@ -172,12 +172,13 @@ def report(args, runs, export_dir):
   if os.path.exists(report_path):
     with open(report_path) as f:
       export = json.load(f)
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   sources = {}
   for subset in ("train", "holdout"):
-    with open(os.path.join(args.workspace, "sources", subset, "manifest.json")) as f:
-      m = json.load(f)
-    sources[subset] = {"images": m["num_examples"], "classes": m["num_classes"],
-                       "unreadable_skipped": m["dead_letter"]}
+    m = formats.SourceShards.read(os.path.join(args.workspace, "sources", subset),
+                                  f"sources/{subset}")
+    sources[subset] = {"images": m.num_examples, "classes": m.num_classes,
+                       "unreadable_skipped": m.dead_letter}
   out = {"workspace": args.workspace, "resolution": args.resolution, "sources": sources,
          "runs": rows, "export": export, "curves": plot_eval(runs, args.workspace)}
   with open(os.path.join(args.workspace, "report.json"), "w") as f:

@@ -34,6 +34,10 @@ class InputPathError(UserError):
   """A missing or unreadable input path."""
 
 
+class FormatError(InputPathError):
+  """A stage output of another format, or another version of it, than the reader needs."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
   """Turns a UserError raised inside the block into `prog: error: ...` and exit status 2."""
