@@ -246,7 +246,7 @@ class FusedIB(_Block):
 
   @classmethod
   def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
-    del layer_scale  # the Model Garden puts none on fused blocks
+    del layer_scale  # fused blocks have no layer scale
     return cls(filters, block.expand_ratio, kernel_size=block.kernel, strides=block.stride,
                drop_path_rate=drop_path_rate, name=name, **common)
 
