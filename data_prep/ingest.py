@@ -29,11 +29,10 @@ from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import fashion_mnist, files, transforms
-from mnv4_train.data import records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
+from mnv4_train.data import formats, records
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
 EXAMPLES_PER_SHARD = 1024
-FORMAT = "mnv4-source-shards/1"
 
 
 def parse_args(argv):
@@ -189,7 +188,7 @@ def _tfds_builder(args):
           manual_dir=args.tfds_manual_dir))
     return builder
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-    raise InputPathError(f"cannot open the TFDS dataset: {str(e).splitlines()[0]}") from None
+    raise InputPathError(f"cannot open the TFDS dataset: {first_line(e)}") from None
 
 
 class _TfdsExample(beam.DoFn):
@@ -407,24 +406,22 @@ def _write_manifest(stats, folder, num_shards, label_counts, dead, class_names, 
     name = files.shard_name("shard", i, num_shards)
     if name not in by_name:
       files.write_tfrecords(os.path.join(folder, name), [])
-    shards.append({"path": name, "count": by_name.get(name, 0)})
+    shards.append(formats.FileCount(name, by_name.get(name, 0)))
   counts = dict(label_counts)
   labelled = [k for k in counts if k >= 0]
   if class_names is None and labelled:
     class_names = [str(i) for i in range(max(labelled) + 1)]
   class_names = class_names or []
-  manifest = {
-      "format": FORMAT,
-      "source": source,
-      "num_examples": sum(by_name.values()),
-      "num_classes": len(class_names),
-      "class_names": class_names,
-      "counts_per_class": [counts.get(i, 0) for i in range(len(class_names))],
-      "unlabeled": counts.get(-1, 0),
-      "shards": shards,
-      "dead_letter": dead,
-  }
-  files.write_json(os.path.join(folder, files.MANIFEST), manifest)
+  manifest = formats.SourceShards(
+      source=source,
+      num_examples=sum(by_name.values()),
+      num_classes=len(class_names),
+      class_names=class_names,
+      counts_per_class=[counts.get(i, 0) for i in range(len(class_names))],
+      unlabeled=counts.get(-1, 0),
+      shards=tuple(shards),
+      dead_letter=dead)
+  manifest.write(folder)
   return manifest
 
 
@@ -478,17 +475,17 @@ def _selection_info(args):
 
 
 def run(argv=None, pipeline=None) -> dict:
-  """Runs the ingest job; returns the manifest. `pipeline` lets tests pass a TestPipeline."""
+  """Runs the ingest job; returns the manifest as written (JSON). `pipeline`: a TestPipeline."""
   args, beam_args = parse_args(argv)
   logging.info("ingest: writing %s", args.out)
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
-      build=lambda p, tmp: build_pipeline(p, args, tmp))
+      build=lambda p, tmp: build_pipeline(p, args, tmp), manifest=formats.SourceShards)
   logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
-               manifest["num_examples"], manifest["num_classes"], len(manifest["shards"]),
-               manifest["dead_letter"], args.out)
-  return manifest
+               manifest.num_examples, manifest.num_classes, len(manifest.shards),
+               manifest.dead_letter, args.out)
+  return manifest.to_json()
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
-from mnv4_train.data import augment
-from mnv4_train.errors import ArgumentParser, InputPathError
+from mnv4_train.data import augment, formats
+from mnv4_train.errors import ArgumentParser, InputPathError, first_line
 
-FORMAT = "mnv4-d3-selection/1"
 CLASSES_PER_FILE = 64
 
 
@@ -165,12 +164,11 @@ def _write_outputs(stats, folder, info, kept_count, per_class, num_classes):
   above = [counts.get(c, (0, 0, 0))[0] for c in range(num_classes)]
   unique = [counts.get(c, (0, 0, 0))[1] for c in range(num_classes)]
   total = [counts.get(c, (0, 0, 0))[2] for c in range(num_classes)]
-  files.write_json(os.path.join(folder, files.MANIFEST), {
-      **info, "above_threshold_per_class": above,
-      "selected_unique_per_class": unique, "selected_total_per_class": total,
-      "num_selected_unique": sum(unique), "num_selected_total": sum(total),
-      "empty_classes": [c for c, n in enumerate(unique) if n == 0],
-      "num_above_threshold": kept_count})
+  formats.D3Selection(
+      **info, selected_unique_per_class=unique, selected_total_per_class=total,
+      num_selected_unique=sum(unique), num_selected_total=sum(total),
+      empty_classes=[c for c, n in enumerate(unique) if n == 0],
+      num_above_threshold=kept_count, above_threshold_per_class=above).write(folder)
   plot_histogram(unique, per_class, os.path.join(folder, "histogram.png"))
 
 
@@ -194,7 +192,7 @@ def plot_histogram(unique, per_class, path):
 
 
 def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
-  shards = [(i, os.path.join(args.corpus, s["path"])) for i, s in enumerate(corpus["shards"])]
+  shards = [(i, os.path.join(args.corpus, s.path)) for i, s in enumerate(corpus.shards)]
   num_files = max(1, math.ceil(num_classes / CLASSES_PER_FILE))
   scored = (p
             | "Shards" >> beam.Create(shards)
@@ -208,9 +206,9 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
        | "Replicate" >> beam.ParDo(Replicate(args.per_class, num_files))
        | "WriteSelection" >> transforms.WriteSortedShards(tmp))
   kept_count = (scored | "CountKept" >> beam.combiners.Count.Globally())
-  info = {"format": FORMAT, "corpus": args.corpus, "classifier": args.classifier,
+  info = {"corpus": args.corpus, "classifier": args.classifier,
           "threshold": args.threshold, "per_class": args.per_class, "resolution": resolution,
-          "num_classes": num_classes, "source_shards": corpus["shards"],
+          "num_classes": num_classes, "source_shards": corpus.shards,
           "num_files": num_files}
   _ = (by_class
        | "KeptPerClass" >> beam.Map(_class_counts, args.per_class)
@@ -222,27 +220,28 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
-  corpus = files.read_manifest(args.corpus, "--corpus")
+  corpus = formats.SourceShards.read(args.corpus, "--corpus")
   if not tf.io.gfile.exists(args.classifier):
     raise InputPathError(f"--classifier {args.classifier} does not exist")
   try:
     classifier = transforms.load_teacher(args.classifier)
   except Exception as e:  # the user's file
     raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{first_line(e)[:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
-               corpus["num_examples"], args.threshold, args.per_class, num_classes, args.out)
+               corpus.num_examples, args.threshold, args.per_class, num_classes, args.out)
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
-      build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes))
+      build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes),
+      manifest=formats.D3Selection)
   logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "
-               "%d empty classes -> %s", manifest["num_selected_unique"],
-               manifest["num_selected_total"], manifest["num_above_threshold"],
-               len(manifest["empty_classes"]), args.out)
-  return manifest
+               "%d empty classes -> %s", manifest.num_selected_unique,
+               manifest.num_selected_total, manifest.num_above_threshold,
+               len(manifest.empty_classes), args.out)
+  return manifest.to_json()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from apache_beam.ml.inference import tensorflow_inference as tf_inference
 
 from data_prep import files
 from mnv4_train.data import records
+from mnv4_train.errors import first_line
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "mnv4"
@@ -64,7 +65,7 @@ class ValidateImage(beam.DoFn):
 
 def _op_error_text(error: tf.errors.OpError) -> str:
   """The readable part of a TensorFlow op error (no function-node prefix or op suffix)."""
-  text = (error.message or type(error).__name__).splitlines()[0]
+  text = first_line(error.message or "", type(error).__name__)
   text = text.split("}} ", 1)[-1]
   return text.split(" [Op:", 1)[0].strip()
 

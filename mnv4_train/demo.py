@@ -256,12 +256,13 @@ def report(args, runs, export_dir):
   if os.path.exists(report_path):
     with open(report_path) as f:
       export = json.load(f)
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   sources = {}
   for subset in ("train", "holdout"):
-    with open(os.path.join(args.workspace, "sources", subset, "manifest.json")) as f:
-      m = json.load(f)
-    sources[subset] = {"images": m["num_examples"], "classes": m["num_classes"],
-                       "unreadable_skipped": m["dead_letter"]}
+    m = formats.SourceShards.read(os.path.join(args.workspace, "sources", subset),
+                                  f"sources/{subset}")
+    sources[subset] = {"images": m.num_examples, "classes": m.num_classes,
+                       "unreadable_skipped": m.dead_letter}
   out = {"workspace": args.workspace, "resolution": args.resolution, "sources": sources,
          "runs": rows, "export": export, "curves": plot_eval(runs, args.workspace)}
   with open(os.path.join(args.workspace, "report.json"), "w") as f:
@@ -406,9 +407,9 @@ def evaluate(keras_path, shards, resolution, batch=256):
 
 def _selection_figures(ws):
   """The relevance filter's figures: per-class counts and out-of-distribution images kept."""
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   sel = os.path.join(ws, "selections", "d3")
-  with open(os.path.join(sel, "manifest.json")) as f:
-    m = json.load(f)
+  m = formats.D3Selection.read(sel, "the D3 selection")
   ood_kept = ood_records = 0
   for name in sorted(os.listdir(sel)):
     if name.startswith("selection-"):
@@ -418,21 +419,21 @@ def _selection_figures(ws):
           if row["id"].startswith("unlabeled/"):
             ood_kept += 1
             ood_records += row["copies"]
-  with open(os.path.join(ws, "sources", "corpus", "manifest.json")) as f:
-    corpus = json.load(f)
-  ood_total = corpus["source"].get("unlabeled_images") and sum(
+  corpus = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"), "the corpus")
+  ood_total = corpus.source.get("unlabeled_images") and sum(
       1 for c in os.listdir(os.path.join(ws, "ood_digits")) if c.isdigit()
       for _ in os.listdir(os.path.join(ws, "ood_digits", c)))
-  return {"corpus_images": corpus["num_examples"], "ood_images": ood_total or 0,
-          "threshold": m["threshold"], "per_class": m["per_class"],
-          "above_threshold": m["num_above_threshold"],
-          "above_threshold_per_class": m.get("above_threshold_per_class"),
-          "kept_per_class": m["selected_unique_per_class"],
-          "records_per_class": m["selected_total_per_class"],
+  return {"corpus_images": corpus.num_examples, "ood_images": ood_total or 0,
+          "threshold": m.threshold, "per_class": m.per_class,
+          "above_threshold": m.num_above_threshold,
+          "above_threshold_per_class": m.above_threshold_per_class,
+          "kept_per_class": m.selected_unique_per_class,
+          "records_per_class": m.selected_total_per_class,
           "ood_kept": ood_kept, "ood_records": ood_records}
 
 
 def run_fashion(args) -> dict:
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   ws = args.workspace
   start = time.time()
   _fashion_sources(args)
@@ -441,8 +442,8 @@ def run_fashion(args) -> dict:
   _train("4/9 baseline", "fashion_student.gin", os.path.join(runs, "student_labels"), args)
   teacher = os.path.join(runs, "teacher", "export", "student.keras")
   relevance = os.path.join(runs, "student_labels", "export", "student.keras")
-  with open(os.path.join(ws, "sources", "corpus", "manifest.json")) as f:
-    corpus_size = json.load(f)["num_examples"]
+  corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
+                                          "the corpus").num_examples
   per_class = args.per_class or max(100, round(corpus_size / 10, -2))
   beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
   selection = os.path.join(ws, "selections", "d3")
@@ -481,6 +482,7 @@ def run_fashion(args) -> dict:
 
 
 def fashion_report(args, runs, export_dir, ablation, seconds):
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   ws = args.workspace
   test = os.path.join(ws, "sources", "test")
   times = _stage_times(ws)
@@ -504,10 +506,9 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
       export = json.load(f)
   sources = {}
   for subset in ("train", "val", "corpus", "test"):
-    with open(os.path.join(ws, "sources", subset, "manifest.json")) as f:
-      m = json.load(f)
-    sources[subset] = {"images": m["num_examples"], "counts_per_class": m["counts_per_class"],
-                       "unlabeled": m["unlabeled"]}
+    m = formats.SourceShards.read(os.path.join(ws, "sources", subset), f"sources/{subset}")
+    sources[subset] = {"images": m.num_examples, "counts_per_class": m.counts_per_class,
+                       "unlabeled": m.unlabeled}
   selection = _selection_figures(ws)
   table8 = [{"mixture": name, "top1": by_workdir[w]["top1"], "workdir": w,
              "train_seconds": by_workdir[w]["train_seconds"]} for name, w in ablation.items()]

@@ -129,7 +129,8 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
   task = ((0, path, 3, 2), {0: 2, 5: 1})  # replicas 3 and 4; D3-style copies for 2 positions
   with TestPipeline() as p:
     batches = (p | beam.Create([task])
-               | beam.ParDo(distill.AugmentTask("d3", 32, "minus_one_to_one", 2, 2)))
+               | beam.ParDo(distill.AugmentTask(augment.RECIPES["d3"], 32, "minus_one_to_one", 2,
+                                                2)))
     assert_that(batches | beam.Map(lambda kv: (kv[0][0], [k for k, _ in kv[0][1]],
                                                tuple(kv[1].shape))),
                 equal_to([("r0003/shard-00000-of-00002.tfrecord", [(0, 0), (0, 1)],
@@ -388,8 +389,8 @@ def test_distill_recipe_overrides_reach_the_records(source_shards, teacher_path,
   m = distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
                    f"--out={out}", "--replicas=1", "--crop_area_min=0.5", "--no_flip",
                    "--ra_magnitude=5"])
-  spec = m["recipe_spec"]
-  assert spec["crop_area"] == [0.5, 1.0] and not spec["flip"] and spec["ra_magnitude"] == 5.0
+  recipe = m["recipe_spec"]
+  assert recipe["crop_area"] == [0.5, 1.0] and not recipe["flip"] and recipe["ra_magnitude"] == 5.0
   for _, r in _load_records(out):
     crop = r["params"]["crop"].numpy()
     assert crop[2] * crop[3] >= 0.5 * 32 * 32 * 0.95  # area within the sampler's rounding
