@@ -444,7 +444,7 @@ def run_fashion(args) -> dict:
   relevance = os.path.join(runs, "student_labels", "export", "student.keras")
   corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
                                           "the corpus").num_examples
-  per_class = args.per_class or max(100, round(corpus_size / 10, -2))
+  per_class = args.per_class or max(100, int(round(corpus_size / 10, -2)))
   beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
   selection = os.path.join(ws, "selections", "d3")
   _job("5/9 d3 select", selection,
