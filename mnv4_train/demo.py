@@ -93,6 +93,9 @@ def parse_args(argv):
   parser.add_argument("--crop_area_min", type=float, default=0.5,
                       help="smallest inception-crop area in D1/D2 (the paper: 0.08, for "
                       "224 px photos; a small crop of a 32 px digit is noise)")
+  parser.add_argument("--ra_magnitude", type=float, default=None,
+                      help="RandAugment magnitude of D1 and D3 (default: the recipes' 9 and 5; "
+                      "fashion_mnist: 3)")
   parser.add_argument("--flip", choices=["auto", "yes", "no"], default="auto",
                       help="horizontal flips in D1/D2 (auto: not for digits, yes for --images)")
   args = parser.parse_args(argv)
@@ -393,6 +396,7 @@ def evaluate(keras_path, shards, resolution, batch=256):
   """Top-1 of a `.keras` model on source shards (whole images resized, as training evaluates)."""
   import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from mnv4_train import models  # pylint: disable=import-outside-toplevel,unused-import
   from mnv4_train.data import pipeline  # pylint: disable=import-outside-toplevel
   model = keras.saving.load_model(keras_path, compile=False)
   ds, _ = pipeline.eval_dataset(shards, resolution=resolution, batch_size=batch,
@@ -459,6 +463,8 @@ def run_fashion(args) -> dict:
           f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas[recipe]}",
           "--replicas_per_task=1", "--batch_size=256", f"--crop_area_min={args.crop_area_min}"]
          + ([f"--selection={selection}"] if recipe == "d3" else [])
+         + ([f"--ra_magnitude={args.ra_magnitude}"] if args.ra_magnitude and recipe != "d2"
+            else [])
          + (["--no_flip"] if args.flip == "no" else []) + beam, workspace=ws, key=recipe)
   steps = [f"train.train_steps={args.student_steps}"] if args.student_steps else []
   main_run = _distill_student(args, MAIN_MIXTURE, steps)
