@@ -27,7 +27,7 @@ def _demo(*args, check=True):
 @pytest.mark.slow
 def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
   ws = str(tmp_path / "ws")
-  proc = _demo(f"--workspace={ws}")
+  proc = _demo("--dataset=digits", f"--workspace={ws}")
   report = json.load(open(os.path.join(ws, "report.json")))
   teacher, labels_only, distilled = (r["top1"] for r in report["runs"])
   print(f"held-out top-1: teacher {teacher:.4f}, labels only {labels_only:.4f}, "
@@ -43,7 +43,7 @@ def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
   assert report["export"]["formats"]["tflite_float32"]["check"]["top1_agreement"] >= 0.99
   # A second run reuses every stage.
   start = time.time()
-  again = _demo(f"--workspace={ws}")
+  again = _demo("--dataset=digits", f"--workspace={ws}")
   # images, 2 source subsets, teacher, baseline, d1, d2, student, export: all kept.
   assert again.stdout.count("finished before") == 9, again.stdout
   assert time.time() - start < 120
