@@ -31,7 +31,6 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, formats, records
@@ -320,7 +319,7 @@ def run(argv=None, pipeline=None) -> dict:
                classes, args.out)
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
-      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      pipeline=pipeline or files.make_pipeline(beam_args),
       build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes),
       manifest=formats.DistillRecords)
   logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,

@@ -110,3 +110,27 @@ def write_json(path: str, obj) -> None:
 
 def shard_name(prefix: str, index: int, count: int) -> str:
   return f"{prefix}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def make_pipeline(beam_args):
+  """A Beam pipeline for the job's standard Beam flags (--runner, --direct_num_workers, ...).
+
+  Left to itself, Beam's DirectRunner first tries its Prism runner, which downloads a binary at
+  run time (and, offline, fails and falls back). Locally we go straight to what it falls back
+  to, the FnApiRunner, with the same options (--direct_num_workers, --direct_running_mode), so
+  a local job fetches nothing. Any other --runner (DataflowRunner, ...) is used as given.
+  """
+  import apache_beam as beam  # pylint: disable=import-outside-toplevel
+  from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  options = pipeline_options.PipelineOptions(beam_args)
+  runner = options.view_as(pipeline_options.StandardOptions).runner
+  if runner not in (None, "DirectRunner", "direct"):
+    return beam.Pipeline(options=options)
+  # pylint: disable=import-outside-toplevel
+  from apache_beam.portability.api import beam_provision_api_pb2
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  from apache_beam.runners.portability.portable_runner import JobServiceHandle
+  encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  info = fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+  return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=info), options=options)

@@ -26,7 +26,6 @@ import sys
 import apache_beam as beam
 import tensorflow as tf
 from apache_beam.io import fileio
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import fashion_mnist, files, transforms
 from mnv4_train.data import formats, records
@@ -480,7 +479,7 @@ def run(argv=None, pipeline=None) -> dict:
   logging.info("ingest: writing %s", args.out)
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
-      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      pipeline=pipeline or files.make_pipeline(beam_args),
       build=lambda p, tmp: build_pipeline(p, args, tmp), manifest=formats.SourceShards)
   logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
                manifest.num_examples, manifest.num_classes, len(manifest.shards),

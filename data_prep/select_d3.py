@@ -27,7 +27,6 @@ import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, formats
@@ -235,7 +234,7 @@ def run(argv=None, pipeline=None) -> dict:
                corpus.num_examples, args.threshold, args.per_class, num_classes, args.out)
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
-      pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
+      pipeline=pipeline or files.make_pipeline(beam_args),
       build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes),
       manifest=formats.D3Selection)
   logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "

@@ -150,3 +150,15 @@ def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
   assert "distilled" in proc.stdout and "test top-1" in proc.stdout
   assert open(report["curves"], "rb").read(4) == b"\x89PNG"
   assert os.path.exists(os.path.join(ws, "export", "model_float32.tflite"))
+
+
+def test_local_beam_jobs_skip_the_prism_download():
+  """The default runner would try to fetch Beam's Prism binary at run time; ours never does."""
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  from data_prep import files
+  local = files.make_pipeline(["--direct_num_workers=2",
+                               "--direct_running_mode=multi_processing"])
+  assert isinstance(local.runner, fn_runner.FnApiRunner)
+  assert isinstance(files.make_pipeline(["--runner=DirectRunner"]).runner, fn_runner.FnApiRunner)
+  other = files.make_pipeline(["--runner=BundleBasedDirectRunner"])
+  assert not isinstance(other.runner, fn_runner.FnApiRunner)
