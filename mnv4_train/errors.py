@@ -23,6 +23,16 @@ class InputPathError(UserError):
   """A missing or unreadable input path."""
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+  """The first non-blank line of an exception's message, else its type name (never empty).
+
+  `str(e).splitlines()[0]` raises IndexError on an exception with an empty message; this does
+  not. `limit` cuts the line to at most that many characters.
+  """
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0].strip()
+  return line[:limit] if limit else line
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
   """Turns a UserError raised inside the block into `prog: error: ...` and exit status 2."""
@@ -30,8 +40,7 @@ def exit_on_user_error(prog: str):
     yield
   except UserError as e:
     # One line: gin appends the configurable's name on lines of its own.
-    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from mnv4_train import models
 from mnv4_train.data import augment, pipeline
-from mnv4_train.distill import Distiller
+from mnv4_train.kd import Distiller
 from mnv4_train.errors import ConfigError, InputPathError, UserError
 
 DISTRIBUTIONS = ("cpu", "gpu", "multiworker", "tpu")
@@ -391,7 +391,7 @@ def train(
     resolution: student input size (default: the records' resolution, else the canonical one).
     teacher: "records" (stored logits), "online" (`teacher_model` runs on each batch) or "none"
       (labels only: set label_weight).
-    temperature, distill_weight, label_weight, label_smoothing: the loss (`mnv4_train.distill`).
+    temperature, distill_weight, label_weight, label_smoothing: the loss (`mnv4_train.kd`).
     global_batch_size, epochs | train_steps, examples_per_epoch: the length; an epoch is
       `examples_per_epoch` images (default: one pass over the first dataset's source images).
     learning_rate, warmup_steps, end_learning_rate: linear warmup then cosine decay.

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from mnv4_train import models
 from mnv4_train.data import pipeline
-from mnv4_train.distill import Distiller, kd_loss, label_loss, topk_to_dense
+from mnv4_train.kd import Distiller, kd_loss, label_loss, topk_to_dense
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,7 +91,7 @@ def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
   script.write_text(
       "import os\nos.environ['KERAS_BACKEND'] = 'jax'\n"
       "import numpy as np, keras\n"
-      "from mnv4_train import models\nfrom mnv4_train.distill import Distiller\n"
+      "from mnv4_train import models\nfrom mnv4_train.kd import Distiller\n"
       "keras.utils.set_random_seed(0)\n"
       "s = models.build('conv_s', num_classes=4, width=0.25, resolution=32, bn_momentum=0.9)\n"
       "d = Distiller(s, temperature=2.0, label_weight=0.5)\n"
