@@ -94,7 +94,7 @@ def load_model(path: str, *, what: str = "model", saved_model: bool = True):
   import keras
   import tensorflow as tf
 
-  import mnv4_train.models.layers  # noqa: F401  registers our layers  # pylint: disable=unused-import
+  import mnv4_train.models.layers  # noqa: F401  # pylint: disable=unused-import  (registers them)
   kinds = "a Keras 3 .keras file" + (" or a SavedModel folder" if saved_model else "")
   if not tf.io.gfile.exists(path):
     raise InputPathError(f"{what} {path} does not exist; pass {kinds}")
