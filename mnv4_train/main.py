@@ -8,6 +8,7 @@ binding, so nothing binds it twice). A run in a workdir that holds checkpoints r
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
@@ -17,7 +18,9 @@ from absl import app, flags
 from mnv4_train.errors import ConfigError, exit_on_user_error
 
 PROG = "mnv4_train.main"
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+# The recipes ship as the package `gin_configs` (gin_configs/ at the repository root), so they
+# are found in a checkout and in an installed wheel alike.
+GIN_DIR = str(importlib.resources.files("gin_configs"))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin file: a name in gin_configs/ or a path")

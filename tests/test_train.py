@@ -1,12 +1,15 @@
 """Training: the loss against NumPy, the replayed input, mixing, resume, multi-worker, errors."""
 
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -200,6 +203,37 @@ def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, dist
   # Finished runs are not trained again: the same command returns at once.
   again = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}")
   assert "step 3" in again.stdout and len(_history(work)) == 3
+
+
+def test_the_gin_files_ship_in_the_wheel_and_are_found_installed(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), src / name)
+  for package in ("mnv4_train", "data_prep", "gin_configs"):
+    shutil.copytree(os.path.join(REPO, package), src / package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                  "-q", "-w", str(tmp_path / "dist"), str(src)], check=True,
+                 capture_output=True)
+  wheel, = glob.glob(str(tmp_path / "dist" / "*.whl"))
+  names = zipfile.ZipFile(wheel).namelist()
+  shipped = sorted(n.split("/")[1] for n in names if n.startswith("gin_configs/"))
+  expected = sorted(f for f in os.listdir(os.path.join(REPO, "gin_configs"))
+                    if f.endswith(".gin")) + ["__init__.py"]
+  assert shipped == sorted(expected)
+  # Unpacked, a wheel is its installed layout: from there (and not from this checkout, the
+  # working directory being elsewhere) main finds the recipes and resolves their includes.
+  site = tmp_path / "site"
+  zipfile.ZipFile(wheel).extractall(site)
+  script = ("import gin\nfrom mnv4_train import main\nprint(main.GIN_DIR)\n"
+            "main.parse_gin(['digits_distill'], [])\n"
+            "print(gin.query_parameter('train.eval_data'))\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)), check=True)
+  gin_dir, eval_data = out.stdout.split()
+  assert gin_dir == str(site / "gin_configs")
+  assert eval_data == "sources/holdout"  # set in digits_base.gin, which it includes
 
 
 @pytest.mark.slow
