@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -172,9 +173,9 @@ def test_the_stream_is_a_function_of_the_seed(source_shards):
 
 # ---- runs through the CLI ---------------------------------------------------------------------
 
-def _main(workdir, *bindings, gin_file="smoke.gin", env=None, check=True):
+def _main(workdir, *bindings, gin_file="smoke.gin", env=None, check=True, flags=()):
   cmd = [sys.executable, "-m", "mnv4_train.main", f"--gin_file={gin_file}",
-         f"--workdir={workdir}"] + [f"--gin_bindings={b}" for b in bindings]
+         f"--workdir={workdir}", *flags] + [f"--gin_bindings={b}" for b in bindings]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
   if check and proc.returncode:
     raise AssertionError(proc.stderr[-3000:])
@@ -203,6 +204,43 @@ def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, dist
   # Finished runs are not trained again: the same command returns at once.
   again = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}")
   assert "step 3" in again.stdout and len(_history(work)) == 3
+
+
+# Library chatter the default console must not show: gin's include probes, absl-formatted
+# INFO lines (TensorFlow's, absl's, ours in --verbose) and Python's default format.
+CHATTER = re.compile(r"resource_reader|Path not found|^I\d{4} |^INFO:|functional_saver",
+                     re.MULTILINE)
+
+
+def test_the_console_shows_progress_and_no_library_chatter(source_shards, tmp_path):
+  # digits_student.gin includes digits_base.gin: gin's include lookup is what printed
+  # "E... resource_reader.py: Path not found: digits_base.gin" before.
+  bindings = [f"train.datasets={{'digits': '{source_shards[0]}'}}",
+              f"train.eval_data='{source_shards[0]}'", "train.train_steps=2",
+              "train.global_batch_size=16", "train.log_every=1", "train.steps_per_loop=1",
+              "train.checkpoint_every=2", "train.eval_every=1",
+              "train.model_options={'width': 0.25, 'bn_momentum': 0.9}"]
+  proc = _main(tmp_path / "quiet", *bindings, gin_file="digits_student.gin")
+  assert not CHATTER.search(proc.stderr + proc.stdout), proc.stderr
+  lines = proc.stderr.splitlines()
+  assert lines[0] == "conv_s: 10 classes at 32px, 2 steps of 16 (1 replicas on 1 hosts), " \
+      "datasets digits (source)", lines
+  progress = [line for line in lines if line.startswith("step ")]
+  assert len(progress) == 2, lines
+  for line, head in zip(progress, ["step 1/2 (50%): loss ", "step 2/2 (100%): loss "]):
+    assert line.startswith(head), line
+    assert re.search(r", \d+\.\d examples/s, ETA (\d+h)?(\d+m)?\d+[sm]$", line), line
+  assert progress[1].endswith("ETA 0s")
+  assert [line.split(":")[0] for line in lines if line.startswith("eval")] == [
+      "eval at step 1", "eval at step 2"]
+  assert len(lines) == 5, lines  # start, two progress lines, two evaluations: nothing else
+  assert proc.stdout.startswith("mnv4_train.main: step 2, train_steps 2, finished True")
+
+  # --verbose brings the libraries' INFO lines back (the absl format, ours among them).
+  loud = _main(tmp_path / "loud", *bindings[:2], "train.train_steps=1",
+               "train.global_batch_size=16", gin_file="digits_student.gin", flags=["--verbose"])
+  assert re.search(r"^I\d{4} .*\] step 1/1 \(100%\)", loud.stderr, re.MULTILINE), loud.stderr
+  assert re.search(r"^I\d{4} .*(functional_saver|checkpoint)", loud.stderr, re.MULTILINE)
 
 
 def test_the_gin_files_ship_in_the_wheel_and_are_found_installed(tmp_path):
