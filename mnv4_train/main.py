@@ -24,9 +24,18 @@ import mnv4_train
 from mnv4_train.errors import ConfigError, exit_on_user_error, first_line
 
 PROG = "mnv4_train.main"
-# The recipes ship as the package `gin_configs` (gin_configs/ at the repository root), so they
-# are found in a checkout and in an installed wheel alike.
-GIN_DIR = str(importlib.resources.files("gin_configs"))
+
+
+def _gin_dir() -> str:
+  """The recipes' folder, the package `gin_configs`: found in a checkout and a wheel alike."""
+  try:
+    return str(importlib.resources.files("gin_configs"))
+  except ModuleNotFoundError:  # an editable install made before gin_configs was a package
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "gin_configs")
+
+
+GIN_DIR = _gin_dir()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin file: a name in gin_configs/ or a path")
