@@ -35,7 +35,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, formats, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
+from mnv4_train.errors import ArgumentParser, ConfigError
+from mnv4_train.models import checkpoint
 
 
 def parse_args(argv):
@@ -245,13 +246,7 @@ def _write_manifest(stats, folder, dead, info):
 def check_inputs(args):
   """Loads the manifests and the teacher; one clear error for each mismatch."""
   source = formats.SourceShards.read(args.source, "--source")
-  if not tf.io.gfile.exists(args.teacher):
-    raise InputPathError(f"--teacher {args.teacher} does not exist")
-  try:
-    teacher = transforms.load_teacher(args.teacher)
-  except Exception as e:  # any load failure is the user's file, not our bug
-    raise InputPathError(f"--teacher {args.teacher} cannot be loaded as a .keras model or "
-                         f"SavedModel: {first_line(e)[:200]}") from None
+  teacher = checkpoint.load_model(args.teacher, what="--teacher")
   resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
   classes = transforms.teacher_output_classes(teacher, resolution)
   if source.num_classes and classes != source.num_classes:

@@ -31,7 +31,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import files, transforms
 from mnv4_train.data import augment, formats
-from mnv4_train.errors import ArgumentParser, InputPathError, first_line
+from mnv4_train.errors import ArgumentParser
+from mnv4_train.models import checkpoint
 
 CLASSES_PER_FILE = 64
 
@@ -221,13 +222,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
   corpus = formats.SourceShards.read(args.corpus, "--corpus")
-  if not tf.io.gfile.exists(args.classifier):
-    raise InputPathError(f"--classifier {args.classifier} does not exist")
-  try:
-    classifier = transforms.load_teacher(args.classifier)
-  except Exception as e:  # the user's file
-    raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
-                         f"{first_line(e)[:200]}") from None
+  classifier = checkpoint.load_model(args.classifier, what="--classifier")
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",

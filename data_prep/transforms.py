@@ -20,6 +20,7 @@ from apache_beam.ml.inference import tensorflow_inference as tf_inference
 from data_prep import files
 from mnv4_train.data import records
 from mnv4_train.errors import first_line
+from mnv4_train.models import checkpoint
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "mnv4"
@@ -177,13 +178,13 @@ def _forward_fn(model):
 class TeacherHandler(tf_inference.TFModelHandlerTensor):
   """RunInference handler for a teacher: a `.keras` file or a TensorFlow SavedModel folder.
 
-  Loads through `load_teacher`, so the MNv4 layers are registered in every worker process
-  (Beam's own loader calls keras without them), and SavedModels, which Keras 3 no longer
-  loads, go through `tf.saved_model.load`.
+  Loads through the project's one loader (`mnv4_train.models.checkpoint.load_model`), so the
+  MNv4 layers are registered in every worker process (Beam's own loader calls keras without
+  them), and SavedModels, which Keras 3 no longer loads, go through `tf.saved_model.load`.
   """
 
   def load_model(self):
-    return load_teacher(self._model_uri)
+    return checkpoint.load_model(self._model_uri, what="teacher")
 
 
 def teacher_handler(path: str):
@@ -191,15 +192,6 @@ def teacher_handler(path: str):
   handler = TeacherHandler(model_uri=path, inference_fn=batched_inference_fn,
                            min_batch_size=1, max_batch_size=1)
   return inference_base.KeyedModelHandler(handler)
-
-
-def load_teacher(path: str):
-  """A `.keras` model (with the MNv4 layers registered) or a SavedModel."""
-  if tf.io.gfile.isdir(path):
-    return tf.saved_model.load(path)
-  import keras
-  import mnv4_train.models  # noqa: F401  (registers the MNv4 layers for loading)
-  return keras.saving.load_model(path, compile=False)
 
 
 def teacher_output_classes(model, resolution: int) -> int:

@@ -201,11 +201,10 @@ def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):
 
 def measure(keras_path, resolution, batch=64, rounds=5):
   """(parameters, MACs, images/s of inference on this CPU at `batch`)."""
-  import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from mnv4_train.models import profile  # pylint: disable=import-outside-toplevel
-  model = keras.saving.load_model(keras_path, compile=False)
+  from mnv4_train.models import checkpoint, profile  # pylint: disable=import-outside-toplevel
+  model = checkpoint.load_model(keras_path, what="model", saved_model=False)
   macs = sum(c.macs for c in profile.layer_costs(model, resolution))
   x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)),
                   tf.float32)
@@ -391,10 +390,10 @@ def _distill_student(args, name, steps_binding):
 
 def evaluate(keras_path, shards, resolution, batch=256):
   """Top-1 of a `.keras` model on source shards (whole images resized, as training evaluates)."""
-  import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mnv4_train.data import pipeline  # pylint: disable=import-outside-toplevel
-  model = keras.saving.load_model(keras_path, compile=False)
+  from mnv4_train.models import checkpoint  # pylint: disable=import-outside-toplevel
+  model = checkpoint.load_model(keras_path, what="model", saved_model=False)
   ds, _ = pipeline.eval_dataset(shards, resolution=resolution, batch_size=batch,
                                 crop_fraction=1.0)
   correct = total = 0
