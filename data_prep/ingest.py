@@ -25,7 +25,7 @@ import tensorflow as tf
 from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import records
 from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
 
@@ -64,6 +64,7 @@ def parse_args(argv):
   parser.add_argument("--subset", default="all", choices=["all", "train", "holdout"],
                       help="which side of --holdout_fraction to write")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   if args.num_shards < 0:
     parser.error(f"--num_shards must be >= 0, got {args.num_shards}")
@@ -217,6 +218,16 @@ def read_source(p, args):
           {"kind": "tfrecords", "glob": args.tfrecords})
 
 
+def source_size(args) -> int | None:
+  """How many images the source holds (for the progress line); None when not known up front."""
+  if args.images:
+    return len(tf.io.gfile.glob(os.path.join(args.images.rstrip("/"), "*", "*")))
+  if args.tfds or args.tfds_dir:
+    splits = _tfds_builder(args).info.splits
+    return splits[args.split].num_examples if args.split in splits else None
+  return None
+
+
 # ---- the pipeline -----------------------------------------------------------------------------
 
 def in_holdout(example_id: str, fraction: float) -> bool:
@@ -283,8 +294,10 @@ def _write_manifest(stats, folder, num_shards, label_counts, dead, class_names, 
 
 def build_pipeline(p, args, tmp):
   examples, early_dead, class_names, source = read_source(p, args)
-  checked = examples | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
-      transforms.DEAD_LETTER, main="images")
+  checked = (examples
+             | "Progress" >> console.ReportProgress()
+             | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
+                 transforms.DEAD_LETTER, main="images"))
   images = checked.images | "KeepSubset" >> beam.ParDo(
       _KeepSubset(args.holdout_fraction, args.subset))
   dead = ((checked[transforms.DEAD_LETTER], early_dead) | "AllDeadLetters" >> beam.Flatten())
@@ -313,6 +326,7 @@ def run(argv=None, pipeline=None) -> dict:
   """Runs the ingest job; returns the manifest. `pipeline` lets tests pass a TestPipeline."""
   args, beam_args = parse_args(argv)
   logging.info("ingest: writing %s", args.out)
+  console.expect(source_size(args), "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),

@@ -29,7 +29,7 @@ import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import augment
 from mnv4_train.errors import ArgumentParser, InputPathError
 
@@ -54,6 +54,7 @@ def parse_args(argv):
                       choices=["logits", "probabilities"])
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   if not 0.0 <= args.threshold < 1.0:
     parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
@@ -99,6 +100,11 @@ class ScoreInputs(beam.DoFn):
         keys, batch = [], []
     if batch:
       yield keys, tf.stack(batch)
+
+
+def _batch_size(element):
+  """Images in a classifier batch (keys, inference result)."""
+  return len(element[0])
 
 
 class TopClass(beam.DoFn):
@@ -188,6 +194,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
             | "Prepare" >> beam.ParDo(ScoreInputs(resolution, args.classifier_input,
                                                   args.batch_size))
             | "Classifier" >> RunInference(transforms.teacher_handler(args.classifier))
+            | "Progress" >> console.ReportProgress(_batch_size)
             | "TopClass" >> beam.ParDo(TopClass(args.threshold, args.classifier_outputs)))
   by_class = scored | "GroupByClass" >> beam.GroupByKey()
   _ = (by_class
@@ -220,6 +227,7 @@ def run(argv=None, pipeline=None) -> dict:
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
                corpus["num_examples"], args.threshold, args.per_class, num_classes, args.out)
+  console.expect(corpus["num_examples"], "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
