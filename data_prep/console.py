@@ -205,37 +205,49 @@ class Console:
 
 
 class _Progress:
-  """Elements done of a total, with a rate and an ETA."""
+  """Elements done of a total, with a rate and an ETA.
+
+  The rate is over the reports after the first (workers take seconds to start, and the first
+  report's elements took an unknown time), up to the last one: it holds still while later
+  stages (grouping, writing) run.
+  """
 
   def __init__(self, name, total, unit):
     self.name, self.total, self.unit = name, total, unit
     self.done = 0
     self.start = time.monotonic()
-    self.first = None  # (time, done) of the first report: workers start in seconds
+    self.first = None  # (time, done) at the first report
+    self.last = None  # (time, done) at the latest report
 
   def add(self, n: int) -> None:
-    if self.first is None:
-      self.first = (time.monotonic(), 0)
     self.done += n
+    self.last = (time.monotonic(), self.done)
+    if self.first is None:
+      self.first = self.last
+
+  def rate(self) -> float | None:
+    if self.first is None or self.last[0] - self.first[0] < 1.0:
+      return None
+    return (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
 
   def text(self, final=False) -> str:
-    now = time.monotonic()
     done, total, unit = self.done, self.total, self.unit
     out = f"{self.name}: {done:,}/{total:,} {unit}" if total else f"{self.name}: {done:,} {unit}"
+    rate = self.rate()
     if final:
-      elapsed = now - self.start
-      return f"{out} in {_clock(elapsed)}, {done / max(elapsed, 1e-9):.1f} {unit}/s"
+      elapsed = time.monotonic() - self.start
+      rate = rate if rate is not None else done / max(elapsed, 1e-9)
+      return f"{out} in {_clock(elapsed)}, {rate:.1f} {unit}/s"
     if total:
       out += f" ({100 * done / total:.0f}%)"
     if self.first is None:
       return out + ", starting"
-    seconds = now - self.first[0]
-    if seconds < 1.0:
-      return out
-    rate = (done - self.first[1]) / seconds
-    out += f", {rate:.1f} {unit}/s"
-    if total and rate > 0:
-      out += f", ETA {_clock(max(total - done, 0) / rate)}"
+    if rate is not None:
+      out += f", {rate:.1f} {unit}/s"
+    if total and done >= total:
+      return out + ", finishing"
+    if total and rate:
+      out += f", ETA {_clock((total - done) / rate)}"
     return out
 
 

@@ -111,6 +111,7 @@ def test_progress_line_has_rate_and_eta():
   progress = console._Progress("distill d1", 100, "records")
   assert progress.text() == "distill d1: 0/100 records (0%), starting"
   progress.add(10)
+  assert progress.text() == "distill d1: 10/100 records (10%)"  # no rate from one report
   time.sleep(1.1)
   progress.add(10)
   text = progress.text()
@@ -118,7 +119,13 @@ def test_progress_line_has_rate_and_eta():
                        text)
   assert match, text
   rate, eta = float(match.group(1)), int(match.group(2))
-  assert 10 < rate <= 20 and abs(eta - 80 / rate) <= 1
+  assert 5 < rate < 10 and abs(eta - 80 / rate) <= 1
+  time.sleep(0.2)
+  assert progress.text() == text  # the rate holds still between reports
+  progress.add(80)
+  assert progress.text().endswith("records/s, finishing")
+  assert re.fullmatch(r"distill d1: 100/100 records in 0:0\d, [\d.]+ records/s",
+                      progress.text(final=True))
   unknown = console._Progress("ingest", None, "images")
   unknown.add(5)
   assert unknown.text(final=True).startswith("ingest: 5 images in 0:00, ")
