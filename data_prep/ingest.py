@@ -1,14 +1,14 @@
 """Ingest: an ImageNet-style source -> sharded source TFRecords + manifest.json (data flow step 1).
 
-    python -m data_prep.ingest --images=DIR --out=DIR                      # class_name/*.jpg|png
+    python -m data_prep.ingest --images=DIR --out=DIR                 # class_name/*.jpg|png|webp
     python -m data_prep.ingest --tfds=imagenet2012 --tfds_data_dir=D --tfds_manual_dir=M --out=DIR
     python -m data_prep.ingest --tfds_dir=PREPARED_DATASET_DIR --split=train --out=DIR
     python -m data_prep.ingest --tfrecords='gs://b/train-*' --out=DIR [--label_offset=-1]
     ... [--num_shards=N] [--overwrite] [standard Beam options: --runner, --direct_num_workers, ...]
 
-Each image is validated (decoded once) and stored once, as its original bytes, in a shard chosen
-by a stable hash of its id, sorted by id: the same inputs give byte-identical shards on any
-runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
+Each image is validated (decoded once) and stored once, as its original bytes (JPEG, PNG, GIF,
+BMP; WebP as a lossless PNG), in a shard chosen by a stable hash of its id, sorted by id: the
+same inputs give byte-identical shards on any runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
 `dead_letter.jsonl`. The manifest holds class names, counts per class, shards and counts.
 """
 
@@ -256,7 +256,7 @@ class _AssignShard(beam.DoFn):
   def process(self, ex, num_shards):
     shard = transforms.stable_hash(ex["id"]) % num_shards
     record = records.source_example(ex["id"], ex["encoded"], ex["label"], ex["height"],
-                                    ex["width"], ex["format"])
+                                    ex["width"], ex["format"], ex["original_format"])
     yield files.shard_name("shard", shard, num_shards), (ex["id"], record)
 
 
