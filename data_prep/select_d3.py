@@ -84,9 +84,10 @@ class ScoreInputs(beam.DoFn):
     self.batch_size = batch_size
 
   def setup(self):
+    # One trace: a bytes argument would be a Python constant, traced again for every image.
     self._prepare = tf.function(
         lambda data: augment.center_crop(augment.decode(data), self.resolution),
-        reduce_retracing=True)
+        input_signature=[tf.TensorSpec([], tf.string)])
 
   def process(self, task):
     shard, path = task
