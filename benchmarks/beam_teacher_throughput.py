@@ -27,22 +27,22 @@ import tensorflow as tf  # noqa: E402
 
 from data_prep import distill, files, ingest, transforms  # noqa: E402
 from mnv4_train import models  # noqa: E402
-from mnv4_train.data import augment, records  # noqa: E402
+from mnv4_train.data import augment, formats, records  # noqa: E402
 from data_prep.digits import write_digits_folder  # noqa: E402
 
 
 def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
   """The teacher's forward function, and per (shard, replica) the examples and a tf.data
   stream of augmented (pixels, params) batches built with the job's own augmentation map."""
-  manifest = files.read_manifest(source, "source")
+  manifest = formats.SourceShards.read(source, "source")
   teacher = transforms.load_teacher(teacher_path)
   forward = tf.function(lambda x: teacher(x, training=False))
-  task = distill.AugmentTask("d1", resolution, "minus_one_to_one", batch_size,
-                             len(manifest["shards"]))
+  task = distill.AugmentTask(augment.RECIPES["d1"], resolution, "minus_one_to_one", batch_size,
+                             len(manifest.shards))
   task.setup()
   work = []
-  for shard, info in enumerate(manifest["shards"]):
-    examples = transforms.read_shard(os.path.join(source, info["path"]))
+  for shard, info in enumerate(manifest.shards):
+    examples = transforms.read_shard(os.path.join(source, info.path))
     for replica in range(replicas):
       inputs = {"seed": tf.stack([augment.key_seed("d1", replica, ex["id"]) for ex in examples]),
                 "data": [ex["encoded"] for ex in examples],
@@ -50,7 +50,7 @@ def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
       ds = (tf.data.Dataset.from_tensor_slices(inputs)
             .map(task._augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .batch(batch_size))
-      work.append((shard, info["path"], replica, examples, ds))
+      work.append((shard, info.path, replica, examples, ds))
   return forward, work
 
 

@@ -76,9 +76,9 @@ def online_dataset(source, resolution, batch):
 
 
 def replay_dataset(records_dir, resolution, batch):
-  spec = pipeline.open_dataset(records_dir, "d1")
-  return pipeline.train_dataset([spec], resolution=resolution, host_batch=batch,
-                                num_classes=spec.num_classes)
+  dataset = pipeline.open_dataset(records_dir, "d1")
+  return pipeline.train_dataset([dataset], resolution=resolution, host_batch=batch,
+                                num_classes=dataset.num_classes)
 
 
 def timed(iterator, batches, batch):

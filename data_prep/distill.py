@@ -15,7 +15,8 @@ replays), and the teacher runs through Beam `RunInference`.
 Work is split into tasks of (source shard, block of replicas): a task reads its shard once and
 emits fixed batches in a fixed order, so the records of a run are byte-identical to the last.
 Output: `r<replica>/shard-XXXXX-of-YYYYY.tfrecord` beside each source shard's name, records
-sorted by (source_index, copy); format in `mnv4_train/data/records.py`; `manifest.json`.
+sorted by (source_index, copy); format in `mnv4_train/data/records.py`; `manifest.json` as
+`mnv4_train/data/formats.py` has it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import console, files, transforms
-from mnv4_train.data import augment, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
-
-FORMAT = "mnv4-distill-records/1"
+from mnv4_train.data import augment, formats, records
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
 
 def parse_args(argv):
@@ -90,17 +89,17 @@ def parse_args(argv):
   return args, beam_args
 
 
-def recipe_spec(args) -> augment.Recipe:
+def recipe_from_args(args) -> augment.Recipe:
   """The recipe of --recipe with the overrides given on the command line."""
-  spec = augment.RECIPES[args.recipe]
+  recipe = augment.RECIPES[args.recipe]
   changes = {}
   if args.crop_area_min is not None:
-    changes["crop_area"] = (args.crop_area_min, spec.crop_area[1])
+    changes["crop_area"] = (args.crop_area_min, recipe.crop_area[1])
   if args.ra_magnitude is not None:
     changes["ra_magnitude"] = args.ra_magnitude
   if args.no_flip:
     changes["flip"] = False
-  return dataclasses.replace(spec, **changes)
+  return dataclasses.replace(recipe, **changes)
 
 
 # ---- tasks ------------------------------------------------------------------------------------
@@ -118,8 +117,9 @@ class AugmentTask(beam.DoFn):
   """A task -> (key, image batch) elements for RunInference, in a fixed order.
 
   key = (output file, [(sort key, metadata)...]) with one metadata dict per image: ids,
-  positions, replica, copy and the augmentation parameters. `selection` maps a source position
-  to its number of copies (D3); None takes every example once.
+  positions, replica, copy and the augmentation parameters. `recipe` is the `augment.Recipe`
+  (overrides included); its name keys the seeds. `selection` maps a source position to its
+  number of copies (D3); None takes every example once.
 
   Sampling and `augment.apply` run inside a tf.data map, as the trainer's replay does: some
   Model Garden ops truncate floats to uint8, and a `tf.function` called on its own (whose graph
@@ -131,9 +131,8 @@ class AugmentTask(beam.DoFn):
   _SIGNATURE = [{"seed": tf.TensorSpec([2], tf.int64), "data": tf.TensorSpec([], tf.string),
                  "partner": tf.TensorSpec([], tf.string)}]
 
-  def __init__(self, recipe, resolution, teacher_input, batch_size, num_shards, spec=None):
+  def __init__(self, recipe: augment.Recipe, resolution, teacher_input, batch_size, num_shards):
     self.recipe = recipe
-    self.spec = spec or augment.RECIPES[recipe]
     self.resolution = resolution
     self.teacher_input = teacher_input
     self.batch_size = batch_size
@@ -144,7 +143,7 @@ class AugmentTask(beam.DoFn):
     self._augment_fn = tf.function(self._augment, input_signature=self._SIGNATURE)
 
   def _augment(self, element):
-    recipe = self.spec
+    recipe = self.recipe
     image = augment.decode(element["data"])
     partner = augment.decode(element["partner"]) if recipe.mixup else None
     params = augment.sample(recipe, element["seed"], tf.shape(image),
@@ -156,14 +155,14 @@ class AugmentTask(beam.DoFn):
   def process(self, element):
     (shard, path, first, count), selection = element
     examples = transforms.read_shard(path)
-    recipe = self.spec
+    recipe = self.recipe
     shard_file = files.shard_name("shard", shard, self.num_shards)
     for replica in range(first, first + count):
       inputs, keys = {"seed": [], "data": [], "partner": []}, []
       for position, ex in enumerate(examples):
         copies = 1 if selection is None else selection.get(position, 0)
         for copy in range(copies):
-          seed = augment.key_seed(self.recipe, replica, ex["id"], copy)
+          seed = augment.key_seed(recipe.name, replica, ex["id"], copy)
           meta = {"id": ex["id"], "source_shard": shard, "source_index": position,
                   "replica": replica, "copy": copy, "partner_id": "", "partner_index": -1}
           if recipe.mixup:
@@ -244,41 +243,41 @@ def _attach_selection(element):
 
 def _write_manifest(stats, folder, dead, info):
   stats = sorted(stats, key=lambda s: s["path"])
-  files.write_json(os.path.join(folder, files.MANIFEST), {
-      **info, "files": stats, "num_records": sum(s["count"] for s in stats),
-      "dead_letter": dead})
+  formats.DistillRecords(
+      **info, files=tuple(formats.FileCount(s["path"], s["count"]) for s in stats),
+      num_records=sum(s["count"] for s in stats), dead_letter=dead).write(folder)
 
 
 def check_inputs(args):
   """Loads the manifests and the teacher; one clear error for each mismatch."""
-  source = files.read_manifest(args.source, "--source")
+  source = formats.SourceShards.read(args.source, "--source")
   if not tf.io.gfile.exists(args.teacher):
     raise InputPathError(f"--teacher {args.teacher} does not exist")
   try:
     teacher = transforms.load_teacher(args.teacher)
   except Exception as e:  # any load failure is the user's file, not our bug
     raise InputPathError(f"--teacher {args.teacher} cannot be loaded as a .keras model or "
-                         f"SavedModel: {str(e).splitlines()[0][:200]}") from None
+                         f"SavedModel: {first_line(e)[:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
   classes = transforms.teacher_output_classes(teacher, resolution)
-  if source["num_classes"] and classes != source["num_classes"]:
+  if source.num_classes and classes != source.num_classes:
     raise ConfigError(f"teacher {args.teacher} outputs {classes} classes but source "
-                      f"{args.source} has {source['num_classes']}; use a teacher trained on "
+                      f"{args.source} has {source.num_classes}; use a teacher trained on "
                       "these classes")
   selection = None
   if args.selection:
-    selection = files.read_manifest(args.selection, "--selection")
-    if selection["source_shards"] != source["shards"]:
+    selection = formats.D3Selection.read(args.selection, "--selection")
+    if selection.source_shards != source.shards:
       raise ConfigError(f"--selection {args.selection} was made from other source shards than "
                         f"--source {args.source}; pass the corpus it was selected from")
-    if not selection["num_selected_total"]:
+    if not selection.num_selected_total:
       raise ConfigError(f"--selection {args.selection} selected no image (no score above its "
                         "threshold); lower select_d3's --threshold or use a larger corpus")
   return source, resolution, classes, selection
 
 
 def build_pipeline(p, args, tmp, source, resolution, classes):
-  shards = [os.path.join(args.source, s["path"]) for s in source["shards"]]
+  shards = [os.path.join(args.source, s.path) for s in source.shards]
   tasks = make_tasks(shards, args.replica_offset, args.replicas, args.replicas_per_task)
   task_list = p | "Tasks" >> beam.Create(tasks)
   if args.selection:
@@ -294,9 +293,9 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
     work = task_list | "NoSelection" >> beam.Map(lambda t: (t, None))
   batches = (work
              | "Spread" >> beam.Reshuffle()
-             | "Augment" >> beam.ParDo(AugmentTask(args.recipe, resolution, args.teacher_input,
-                                                   args.batch_size, len(shards),
-                                                   recipe_spec(args))))
+             | "Augment" >> beam.ParDo(AugmentTask(recipe_from_args(args), resolution,
+                                                   args.teacher_input, args.batch_size,
+                                                   len(shards))))
   made = (batches
           | "Teacher" >> RunInference(transforms.teacher_handler(args.teacher))
           | "Progress" >> console.ReportProgress(_batch_size)
@@ -306,8 +305,7 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
   dead = made[transforms.DEAD_LETTER] | "WriteDeadLetters" >> transforms.WriteSortedJsonLines(
       os.path.join(tmp, "dead_letter.jsonl"))
   info = {
-      "format": FORMAT, "recipe": args.recipe,
-      "recipe_spec": dataclasses.asdict(recipe_spec(args)),
+      "recipe": args.recipe, "recipe_settings": dataclasses.asdict(recipe_from_args(args)),
       "replicas": args.replicas, "replica_offset": args.replica_offset,
       "source": os.path.abspath(args.source) if "://" not in args.source else args.source,
       "selection": args.selection, "teacher": args.teacher, "resolution": resolution,
@@ -321,22 +319,22 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
 
 
 def run(argv=None, pipeline=None) -> dict:
-  """Runs the distillation-dataset job; returns its manifest."""
+  """Runs the distillation-dataset job; returns its manifest as written (JSON)."""
   args, beam_args = parse_args(argv)
   source, resolution, classes, selection = check_inputs(args)
   logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
                args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
                classes, args.out)
-  per_replica = selection["num_selected_total"] if selection else source["num_examples"]
+  per_replica = selection.num_selected_total if selection else source.num_examples
   console.expect(args.replicas * per_replica, "records")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
-      build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes))
+      build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes),
+      manifest=formats.DistillRecords)
   logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,
-               manifest["num_records"], len(manifest["files"]), manifest["dead_letter"],
-               args.out)
-  return manifest
+               manifest.num_records, len(manifest.files), manifest.dead_letter, args.out)
+  return manifest.to_json()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ import os
 import tensorflow as tf
 
 from data_prep import console
-from mnv4_train.data import records
+from mnv4_train.data import formats
 from mnv4_train.errors import InputPathError, UserError, exit_on_user_error
 
-MANIFEST = records.MANIFEST
-read_manifest = records.read_manifest  # one reader for the jobs and the trainer
+MANIFEST = formats.MANIFEST
 
 
 class OutputExistsError(UserError):
@@ -64,8 +63,9 @@ def commit(tmp: str, out: str) -> None:
   tf.io.gfile.rmtree(tmp)
 
 
-def run_staged(*, out: str, overwrite: bool, pipeline, build) -> dict:
-  """Runs `build(pipeline, tmp)` into `<out>.tmp`, commits it to `out`, returns the manifest.
+def run_staged(*, out: str, overwrite: bool, pipeline, build, manifest: type[formats.Manifest]):
+  """Runs `build(pipeline, tmp)` into `<out>.tmp`, commits it to `out`, returns the manifest
+  (`manifest`, the format's typed record) the pipeline wrote.
 
   A pipeline that fails leaves nothing behind: the staging folder is removed.
   """
@@ -77,7 +77,7 @@ def run_staged(*, out: str, overwrite: bool, pipeline, build) -> dict:
     tf.io.gfile.rmtree(tmp)
     raise
   commit(tmp, out)
-  return read_manifest(out, "--out")
+  return manifest.read(out, "--out")
 
 
 def job_main(prog: str, run, argv) -> None:

@@ -4,6 +4,9 @@
     python -m data_prep.ingest --tfds=imagenet2012 --tfds_data_dir=D --tfds_manual_dir=M --out=DIR
     python -m data_prep.ingest --tfds_dir=PREPARED_DATASET_DIR --split=train --out=DIR
     python -m data_prep.ingest --tfrecords='gs://b/train-*' --out=DIR [--label_offset=-1]
+    python -m data_prep.ingest --fashion_mnist=train|test --out=DIR       # offline IDX files
+    ... [--hash_range=LO,HI] [--class_fraction=C:F,...] [--drop_labels]
+        [--unlabeled_images=DIR]  (a labelled subset, or an unlabelled, imbalanced corpus)
     ... [--num_shards=N] [--overwrite] [standard Beam options: --runner, --direct_num_workers, ...]
 
 Each image is validated (decoded once) and stored once, as its original bytes (JPEG, PNG, GIF,
@@ -25,12 +28,11 @@ import tensorflow as tf
 from apache_beam.io import fileio
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import console, files, transforms
-from mnv4_train.data import records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError
+from data_prep import console, fashion_mnist, files, transforms
+from mnv4_train.data import formats, records
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
 EXAMPLES_PER_SHARD = 1024
-FORMAT = "mnv4-source-shards/1"
 
 
 def parse_args(argv):
@@ -41,6 +43,11 @@ def parse_args(argv):
                       "--tfds_manual_dir")
   source.add_argument("--tfds_dir", help="folder of an already prepared TFDS dataset version")
   source.add_argument("--tfrecords", help="glob of TFRecord files of tf.train.Example")
+  source.add_argument("--fashion_mnist", choices=sorted(fashion_mnist.SPLITS),
+                      help="Fashion-MNIST's official train or test split, read from its IDX "
+                      "files (Debian package dataset-fashion-mnist, or the Keras cache)")
+  source.add_argument("--unlabeled_only", metavar="DIR",
+                      help="only the --unlabeled_images-style folder DIR, no labelled source")
   parser.add_argument("--out", required=True, help="output folder (local or gs://)")
   parser.add_argument("--split", default="train", help="TFDS split (default train)")
   parser.add_argument("--tfds_data_dir", default=None)
@@ -63,9 +70,31 @@ def parse_args(argv):
                       "evaluation; ingest twice, with --subset=train and --subset=holdout")
   parser.add_argument("--subset", default="all", choices=["all", "train", "holdout"],
                       help="which side of --holdout_fraction to write")
+  parser.add_argument("--fashion_mnist_dir", default=None,
+                      help="folder holding Fashion-MNIST's *-ubyte.gz files (default: the Debian "
+                      "path, then the Keras cache)")
+  parser.add_argument("--hash_range", default=None, metavar="LO,HI",
+                      help="keep the images whose stable id hash, as a fraction in [0, 1), lies "
+                      "in [LO, HI): disjoint ranges give disjoint subsets (e.g. 0,0.09 train, "
+                      "0.09,0.11 validation, 0.11,1 corpus); --holdout_fraction=F --subset=holdout "
+                      "is the range 0,F")
+  parser.add_argument("--class_fraction", default=None, metavar="C:F,...",
+                      help="keep only the fraction F of class C (by a stable hash of the id), to "
+                      "make a corpus class-imbalanced on purpose")
+  parser.add_argument("--drop_labels", action="store_true",
+                      help="withhold the labels: every image is written unlabelled (-1)")
+  parser.add_argument("--unlabeled_images", default=None, metavar="DIR",
+                      help="also add every image file in DIR (and its subfolders), unlabelled, "
+                      "e.g. out-of-distribution images a relevance filter should reject")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
   parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
+  args.hash_range = _parse_range(parser, args.hash_range)
+  args.class_fraction = _parse_fractions(parser, args.class_fraction)
+  if args.unlabeled_only:
+    args.unlabeled_images = args.unlabeled_only
+  if args.hash_range and args.holdout_fraction:
+    parser.error("--hash_range and --holdout_fraction both pick a subset; give one")
   if args.num_shards < 0:
     parser.error(f"--num_shards must be >= 0, got {args.num_shards}")
   if not 0.0 <= args.holdout_fraction < 1.0:
@@ -73,6 +102,33 @@ def parse_args(argv):
   if (args.subset == "all") != (args.holdout_fraction == 0.0):
     parser.error("--holdout_fraction and --subset=train|holdout go together")
   return args, beam_args
+
+
+def _parse_range(parser, text):
+  if text is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in text.split(","))
+  except ValueError:
+    parser.error(f"--hash_range takes LO,HI (two numbers), got {text!r}")
+  if not 0.0 <= lo < hi <= 1.0:
+    parser.error(f"--hash_range needs 0 <= LO < HI <= 1, got {text!r}")
+  return lo, hi
+
+
+def _parse_fractions(parser, text):
+  if not text:
+    return {}
+  out = {}
+  try:
+    for item in text.split(","):
+      cls, frac = item.split(":")
+      out[int(cls)] = float(frac)
+  except ValueError:
+    parser.error(f"--class_fraction takes CLASS:FRACTION,... (e.g. 2:0.1,4:0.1), got {text!r}")
+  if any(not 0.0 <= f <= 1.0 for f in out.values()):
+    parser.error(f"--class_fraction fractions must be in [0, 1], got {text!r}")
+  return out
 
 
 # ---- sources ----------------------------------------------------------------------------------
@@ -133,7 +189,7 @@ def _tfds_builder(args):
           manual_dir=args.tfds_manual_dir))
     return builder
   except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-    raise InputPathError(f"cannot open the TFDS dataset: {str(e).splitlines()[0]}") from None
+    raise InputPathError(f"cannot open the TFDS dataset: {first_line(e)}") from None
 
 
 class _TfdsExample(beam.DoFn):
@@ -175,9 +231,71 @@ class _TFRecordExample(beam.DoFn):
     yield {"id": example_id, "encoded": f[self.image_key].bytes_list.value[0], "label": label}
 
 
+class _FashionMnistExamples(beam.DoFn):
+  """(start, stop) index range -> dict(id, encoded PNG, label) for those images of a split."""
+
+  def __init__(self, split, folder):
+    self.split = split
+    self.folder = folder
+
+  def setup(self):
+    self._images, self._labels = fashion_mnist.load(self.split, self.folder)
+
+  def process(self, bounds):
+    for i in range(*bounds):
+      png = tf.io.encode_png(self._images[i][:, :, None]).numpy()
+      yield {"id": fashion_mnist.example_id(self.split, i), "encoded": png,
+             "label": int(self._labels[i])}
+
+
+def _read_fashion_mnist(p, args):
+  try:
+    images, _ = fashion_mnist.load(args.fashion_mnist, args.fashion_mnist_dir)
+  except FileNotFoundError as e:
+    raise InputPathError(str(e)) from None
+  except fashion_mnist.IdxError as e:
+    raise InputPathError(f"{e}; reinstall the files ({fashion_mnist.HOW_TO_GET})") from None
+  n, step = len(images), 2048
+  return (p
+          | "FashionMnistRanges" >> beam.Create([(i, min(n, i + step)) for i in range(0, n, step)])
+          | "FashionMnistSpread" >> beam.Reshuffle()
+          | "FashionMnist" >> beam.ParDo(_FashionMnistExamples(args.fashion_mnist,
+                                                               args.fashion_mnist_dir)))
+
+
+class _UnlabeledExample(beam.DoFn):
+  """A matched file -> dict(id=unlabeled/<folder>/<relative path>, encoded, label=-1)."""
+
+  def __init__(self, root):
+    self.root = root.rstrip("/")
+    self.prefix = "unlabeled/" + os.path.basename(self.root)
+
+  def process(self, readable):
+    rel = os.path.relpath(readable.metadata.path, self.root)
+    yield {"id": f"{self.prefix}/{rel}", "encoded": readable.read(), "label": -1}
+
+
+def read_unlabeled(p, root):
+  """Every file in `root` and its subfolders (one level), unlabelled."""
+  if not tf.io.gfile.isdir(root):
+    raise InputPathError(f"--unlabeled_images {root} is not a folder of images")
+  root = root.rstrip("/")
+  return (p
+          | "UnlabeledPatterns" >> beam.Create([f"{root}/*", f"{root}/*/*"])
+          | "MatchUnlabeled" >> fileio.MatchAll(
+              empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+          | "ReadUnlabeled" >> fileio.ReadMatches()
+          | "ToUnlabeledExample" >> beam.ParDo(_UnlabeledExample(root)))
+
+
 def read_source(p, args):
   """The chosen source as (examples, dead letters, class names or None, source description)."""
   empty = p | "NoDeadLetters" >> beam.Create([])
+  if args.unlabeled_only:
+    return p | "NoLabelled" >> beam.Create([]), empty, None, {"kind": "none"}
+  if args.fashion_mnist:
+    return (_read_fashion_mnist(p, args), empty, list(fashion_mnist.CLASS_NAMES),
+            {"kind": "fashion_mnist", "split": args.fashion_mnist})
   if args.images:
     names = image_folder_classes(args.images)
     return (p | "ReadImageFolder" >> ReadImageFolder(args.images, names), empty, names,
@@ -219,13 +337,27 @@ def read_source(p, args):
 
 
 def source_size(args) -> int | None:
-  """How many images the source holds (for the progress line); None when not known up front."""
+  """How many images the job validates (for the progress line); None when not known up front."""
+  if args.hash_range or args.class_fraction:
+    return None  # a selection of the source
+  n = 0
+  if args.unlabeled_images:
+    root = args.unlabeled_images.rstrip("/")
+    n += len([f for f in tf.io.gfile.glob(f"{root}/*") + tf.io.gfile.glob(f"{root}/*/*")
+              if not tf.io.gfile.isdir(f)])
+  if args.unlabeled_only:
+    return n
   if args.images:
-    return len(tf.io.gfile.glob(os.path.join(args.images.rstrip("/"), "*", "*")))
+    return n + len(tf.io.gfile.glob(os.path.join(args.images.rstrip("/"), "*", "*")))
+  if args.fashion_mnist:
+    return n + FASHION_MNIST_SIZES[args.fashion_mnist]
   if args.tfds or args.tfds_dir:
     splits = _tfds_builder(args).info.splits
-    return splits[args.split].num_examples if args.split in splits else None
+    return n + splits[args.split].num_examples if args.split in splits else None
   return None
+
+
+FASHION_MNIST_SIZES = {"train": 60_000, "test": 10_000}
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -233,6 +365,34 @@ def source_size(args) -> int | None:
 def in_holdout(example_id: str, fraction: float) -> bool:
   """Whether an id falls in the held-out fraction: a stable hash, the same on every machine."""
   return transforms.stable_hash("holdout\x1f" + example_id) % 1_000_000 < fraction * 1_000_000
+
+
+def hash_fraction(example_id: str, salt: str = "holdout") -> float:
+  """An id's stable position in [0, 1) (the hash behind --holdout_fraction and --hash_range)."""
+  return (transforms.stable_hash(salt + "\x1f" + example_id) % 1_000_000) / 1_000_000
+
+
+class _Select(beam.DoFn):
+  """--hash_range, --class_fraction and --drop_labels on the labelled source's examples."""
+
+  def __init__(self, hash_range, class_fraction, drop_labels):
+    self.hash_range = hash_range
+    self.class_fraction = class_fraction
+    self.drop_labels = drop_labels
+    self.outside = beam.metrics.Metrics.counter(transforms.NAMESPACE, "outside_hash_range")
+    self.thinned = beam.metrics.Metrics.counter(transforms.NAMESPACE, "dropped_by_class_fraction")
+
+  def process(self, ex):
+    if self.hash_range:
+      lo, hi = self.hash_range
+      if not lo <= hash_fraction(ex["id"]) < hi:
+        self.outside.inc()
+        return
+    keep = self.class_fraction.get(ex["label"])
+    if keep is not None and hash_fraction(ex["id"], "class_fraction") >= keep:
+      self.thinned.inc()
+      return
+    yield {**ex, "label": -1} if self.drop_labels else ex
 
 
 class _KeepSubset(beam.DoFn):
@@ -271,29 +431,33 @@ def _write_manifest(stats, folder, num_shards, label_counts, dead, class_names, 
     name = files.shard_name("shard", i, num_shards)
     if name not in by_name:
       files.write_tfrecords(os.path.join(folder, name), [])
-    shards.append({"path": name, "count": by_name.get(name, 0)})
+    shards.append(formats.FileCount(name, by_name.get(name, 0)))
   counts = dict(label_counts)
   labelled = [k for k in counts if k >= 0]
   if class_names is None and labelled:
     class_names = [str(i) for i in range(max(labelled) + 1)]
   class_names = class_names or []
-  manifest = {
-      "format": FORMAT,
-      "source": source,
-      "num_examples": sum(by_name.values()),
-      "num_classes": len(class_names),
-      "class_names": class_names,
-      "counts_per_class": [counts.get(i, 0) for i in range(len(class_names))],
-      "unlabeled": counts.get(-1, 0),
-      "shards": shards,
-      "dead_letter": dead,
-  }
-  files.write_json(os.path.join(folder, files.MANIFEST), manifest)
+  manifest = formats.SourceShards(
+      source=source,
+      num_examples=sum(by_name.values()),
+      num_classes=len(class_names),
+      class_names=class_names,
+      counts_per_class=[counts.get(i, 0) for i in range(len(class_names))],
+      unlabeled=counts.get(-1, 0),
+      shards=tuple(shards),
+      dead_letter=dead)
+  manifest.write(folder)
   return manifest
 
 
 def build_pipeline(p, args, tmp):
   examples, early_dead, class_names, source = read_source(p, args)
+  if args.hash_range or args.class_fraction or args.drop_labels:
+    examples = examples | "Select" >> beam.ParDo(
+        _Select(args.hash_range, args.class_fraction, args.drop_labels))
+  if args.unlabeled_images:
+    examples = ((examples, read_unlabeled(p, args.unlabeled_images))
+                | "WithUnlabeled" >> beam.Flatten())
   checked = (examples
              | "Progress" >> console.ReportProgress()
              | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
@@ -319,22 +483,37 @@ def build_pipeline(p, args, tmp):
            _write_manifest, tmp, beam.pvalue.AsSingleton(num_shards),
            beam.pvalue.AsSingleton(label_counts), beam.pvalue.AsSingleton(dead_count),
            class_names, {**source, "subset": args.subset,
-                         "holdout_fraction": args.holdout_fraction}))
+                         "holdout_fraction": args.holdout_fraction,
+                         **_selection_info(args)}))
+
+
+def _selection_info(args):
+  """The subset flags, recorded in the manifest's source (only those that were given)."""
+  info = {}
+  if args.hash_range:
+    info["hash_range"] = list(args.hash_range)
+  if args.class_fraction:
+    info["class_fraction"] = {str(k): v for k, v in sorted(args.class_fraction.items())}
+  if args.drop_labels:
+    info["labels_dropped"] = True
+  if args.unlabeled_images:
+    info["unlabeled_images"] = args.unlabeled_images
+  return info
 
 
 def run(argv=None, pipeline=None) -> dict:
-  """Runs the ingest job; returns the manifest. `pipeline` lets tests pass a TestPipeline."""
+  """Runs the ingest job; returns the manifest as written (JSON). `pipeline`: a TestPipeline."""
   args, beam_args = parse_args(argv)
   logging.info("ingest: writing %s", args.out)
   console.expect(source_size(args), "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
-      build=lambda p, tmp: build_pipeline(p, args, tmp))
+      build=lambda p, tmp: build_pipeline(p, args, tmp), manifest=formats.SourceShards)
   logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
-               manifest["num_examples"], manifest["num_classes"], len(manifest["shards"]),
-               manifest["dead_letter"], args.out)
-  return manifest
+               manifest.num_examples, manifest.num_classes, len(manifest.shards),
+               manifest.dead_letter, args.out)
+  return manifest.to_json()
 
 
 if __name__ == "__main__":

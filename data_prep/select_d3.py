@@ -30,10 +30,9 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import console, files, transforms
-from mnv4_train.data import augment
-from mnv4_train.errors import ArgumentParser, InputPathError
+from mnv4_train.data import augment, formats
+from mnv4_train.errors import ArgumentParser, InputPathError, first_line
 
-FORMAT = "mnv4-d3-selection/1"
 CLASSES_PER_FILE = 64
 
 
@@ -64,15 +63,24 @@ def parse_args(argv):
 
 
 def replicate(rows, per_class: int):
-  """One class's kept images, best first -> (rank, row, copies) so copies sum to `per_class`.
+  """One class's kept images, best first -> (rank, row, copies); copies sum to `per_class` in expectation.
 
   Rows are (score, id, shard, position). A class with at least K images keeps its top K once
-  each; a rarer class repeats every image K // n times and the best K % n once more.
+  each. A rarer class of n images is duplicated at random, as Noisy Student does: every image
+  gets K / n copies by stochastic rounding, floor(K / n) plus one more with probability
+  K / n - floor(K / n), drawn from a stable hash of its id, so the same inputs give the same
+  copies on every run and runner, and no image is favoured for its rank.
   """
   rows = sorted(rows, key=lambda r: (-r[0], r[1]))[:per_class]
   n = len(rows)
   base, extra = divmod(per_class, n)
-  return [(rank, row, base + (rank < extra)) for rank, row in enumerate(rows)]
+  frac = extra / n
+  return [(rank, row, base + (_unit(row[1]) < frac)) for rank, row in enumerate(rows)]
+
+
+def _unit(example_id: str) -> float:
+  """A stable uniform draw in [0, 1) for an id (the D3 copy lottery)."""
+  return transforms.stable_hash("d3-copies\x1f" + example_id) / 2.0**64
 
 
 class ScoreInputs(beam.DoFn):
@@ -150,20 +158,24 @@ class Replicate(beam.DoFn):
       yield name, ((cls, rank), json.dumps(row, sort_keys=True))
 
 
-def _distinct_kept(element, per_class):
+def _class_counts(element, per_class):
+  """(class, rows) -> (class, (above the threshold, distinct kept, records after replication))."""
   cls, rows = element
-  return cls, min(len(list(rows)), per_class)
+  rows = list(rows)
+  chosen = replicate(rows, per_class)
+  return cls, (len(rows), len(chosen), sum(copies for _, _, copies in chosen))
 
 
 def _write_outputs(stats, folder, info, kept_count, per_class, num_classes):
-  kept = dict(stats)
-  unique = [kept.get(c, 0) for c in range(num_classes)]
-  total = [per_class if n else 0 for n in unique]
-  files.write_json(os.path.join(folder, files.MANIFEST), {
-      **info, "selected_unique_per_class": unique, "selected_total_per_class": total,
-      "num_selected_unique": sum(unique), "num_selected_total": sum(total),
-      "empty_classes": [c for c, n in enumerate(unique) if n == 0],
-      "num_above_threshold": kept_count})
+  counts = dict(stats)
+  above = [counts.get(c, (0, 0, 0))[0] for c in range(num_classes)]
+  unique = [counts.get(c, (0, 0, 0))[1] for c in range(num_classes)]
+  total = [counts.get(c, (0, 0, 0))[2] for c in range(num_classes)]
+  formats.D3Selection(
+      **info, selected_unique_per_class=unique, selected_total_per_class=total,
+      num_selected_unique=sum(unique), num_selected_total=sum(total),
+      empty_classes=[c for c, n in enumerate(unique) if n == 0],
+      num_above_threshold=kept_count, above_threshold_per_class=above).write(folder)
   plot_histogram(unique, per_class, os.path.join(folder, "histogram.png"))
 
 
@@ -187,7 +199,7 @@ def plot_histogram(unique, per_class, path):
 
 
 def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
-  shards = [(i, os.path.join(args.corpus, s["path"])) for i, s in enumerate(corpus["shards"])]
+  shards = [(i, os.path.join(args.corpus, s.path)) for i, s in enumerate(corpus.shards)]
   num_files = max(1, math.ceil(num_classes / CLASSES_PER_FILE))
   scored = (p
             | "Shards" >> beam.Create(shards)
@@ -202,12 +214,12 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
        | "Replicate" >> beam.ParDo(Replicate(args.per_class, num_files))
        | "WriteSelection" >> transforms.WriteSortedShards(tmp))
   kept_count = (scored | "CountKept" >> beam.combiners.Count.Globally())
-  info = {"format": FORMAT, "corpus": args.corpus, "classifier": args.classifier,
+  info = {"corpus": args.corpus, "classifier": args.classifier,
           "threshold": args.threshold, "per_class": args.per_class, "resolution": resolution,
-          "num_classes": num_classes, "source_shards": corpus["shards"],
+          "num_classes": num_classes, "source_shards": corpus.shards,
           "num_files": num_files}
   _ = (by_class
-       | "KeptPerClass" >> beam.Map(_distinct_kept, args.per_class)
+       | "KeptPerClass" >> beam.Map(_class_counts, args.per_class)
        | "CollectStats" >> beam.combiners.ToList()
        | "WriteManifest" >> beam.Map(_write_outputs, tmp, info,
                                      beam.pvalue.AsSingleton(kept_count), args.per_class,
@@ -216,28 +228,29 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
-  corpus = files.read_manifest(args.corpus, "--corpus")
+  corpus = formats.SourceShards.read(args.corpus, "--corpus")
   if not tf.io.gfile.exists(args.classifier):
     raise InputPathError(f"--classifier {args.classifier} does not exist")
   try:
     classifier = transforms.load_teacher(args.classifier)
   except Exception as e:  # the user's file
     raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
-                         f"{str(e).splitlines()[0][:200]}") from None
+                         f"{first_line(e)[:200]}") from None
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
-               corpus["num_examples"], args.threshold, args.per_class, num_classes, args.out)
-  console.expect(corpus["num_examples"], "images")
+               corpus.num_examples, args.threshold, args.per_class, num_classes, args.out)
+  console.expect(corpus.num_examples, "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),
-      build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes))
+      build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes),
+      manifest=formats.D3Selection)
   logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "
-               "%d empty classes -> %s", manifest["num_selected_unique"],
-               manifest["num_selected_total"], manifest["num_above_threshold"],
-               len(manifest["empty_classes"]), args.out)
-  return manifest
+               "%d empty classes -> %s", manifest.num_selected_unique,
+               manifest.num_selected_total, manifest.num_above_threshold,
+               len(manifest.empty_classes), args.out)
+  return manifest.to_json()
 
 
 if __name__ == "__main__":

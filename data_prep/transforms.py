@@ -22,6 +22,7 @@ from PIL import Image
 
 from data_prep import files
 from mnv4_train.data import records
+from mnv4_train.errors import first_line
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "mnv4"
@@ -99,7 +100,7 @@ def _pil_error_text(error: Exception) -> str:
 
 def _op_error_text(error: tf.errors.OpError) -> str:
   """The readable part of a TensorFlow op error (no function-node prefix or op suffix)."""
-  text = (error.message or type(error).__name__).splitlines()[0]
+  text = first_line(error.message or "", type(error).__name__)
   text = text.split("}} ", 1)[-1]
   return text.split(" [Op:", 1)[0].strip()
 

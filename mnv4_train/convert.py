@@ -41,7 +41,9 @@ import re
 import sys
 import tempfile
 
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
+                               first_line)
+from mnv4_train.models import specs as S
 
 TIMM_NAMES = {
     "conv_s": "mobilenetv4_conv_small",
@@ -102,7 +104,7 @@ def read_safetensors(path: str) -> dict:
     from safetensors.numpy import load_file
     tensors = load_file(path)
   except Exception as e:  # noqa: BLE001  a corrupt or foreign file is the user's to fix
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    reason = first_line(e)[:200]
     raise InputPathError(f"cannot read {path} as a safetensors file ({reason})") from None
   return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in tensors.items()}
@@ -183,40 +185,52 @@ def _ops(block) -> dict:
   return {op.name: op for op in block.ops_}
 
 
+def _load_mqa(block, weights: TimmWeights, prefix: str) -> None:
+  _bn(block.norm, weights, f"{prefix}.norm")
+  _conv(block.query[-1], weights, f"{prefix}.attn.query.proj.weight")
+  for branch, ops in (("key", block.key), ("value", block.value)):
+    named = {op.name: op for op in ops}
+    if f"{branch}_dw" in named:
+      _conv(named[f"{branch}_dw"], weights, f"{prefix}.attn.{branch}.down_conv.weight")
+      _bn(named[f"{branch}_dw_bn"], weights, f"{prefix}.attn.{branch}.norm")
+    _conv(named[f"{branch}_proj"], weights, f"{prefix}.attn.{branch}.proj.weight")
+  _conv(block.output_proj, weights, f"{prefix}.attn.output.proj.weight")
+  if block.layer_scale is not None:
+    _assign(block.layer_scale.gamma, weights.take(f"{prefix}.layer_scale.gamma"),
+            f"{prefix}.layer_scale.gamma", weights.source)
+
+
+def _chain_loader(pairs):
+  """Loads a block whose sublayers are one chain (`ops_`): (our conv, timm conv key, our BN,
+  timm BN prefix) per conv the block may hold, then its layer scale if any."""
+  def load(block, weights: TimmWeights, prefix: str) -> None:
+    ops = _ops(block)
+    for conv, conv_key, bn, bn_key in pairs:
+      if conv in ops:
+        _conv(ops[conv], weights, f"{prefix}.{conv_key}")
+        _bn(ops[bn], weights, f"{prefix}.{bn_key}")
+    if "layer_scale" in ops:
+      _assign(ops["layer_scale"].gamma, weights.take(f"{prefix}.layer_scale.gamma"),
+              f"{prefix}.layer_scale.gamma", weights.source)
+  return load
+
+
+# How timm names each kind of block's tensors, by the block record its layer builds.
+_TIMM_LOADERS = {
+    S.ConvBN: _chain_loader([("conv", "conv.weight", "bn", "bn1")]),
+    S.FusedIB: _chain_loader([("expand", "conv_exp.weight", "expand_bn", "bn1"),
+                              ("project", "conv_pwl.weight", "project_bn", "bn2")]),
+    S.UIB: _chain_loader([("start_dw", "dw_start.conv.weight", "start_dw_bn", "dw_start.bn"),
+                          ("expand", "pw_exp.conv.weight", "expand_bn", "pw_exp.bn"),
+                          ("middle_dw", "dw_mid.conv.weight", "middle_dw_bn", "dw_mid.bn"),
+                          ("project", "pw_proj.conv.weight", "project_bn", "pw_proj.bn")]),
+    S.MQA: _load_mqa,
+}
+
+
 def _load_block(block, weights: TimmWeights, prefix: str) -> None:
   from mnv4_train.models import layers as L
-  if isinstance(block, L.MobileMQA):
-    _bn(block.norm, weights, f"{prefix}.norm")
-    _conv(block.query[-1], weights, f"{prefix}.attn.query.proj.weight")
-    for branch, ops in (("key", block.key), ("value", block.value)):
-      named = {op.name: op for op in ops}
-      if f"{branch}_dw" in named:
-        _conv(named[f"{branch}_dw"], weights, f"{prefix}.attn.{branch}.down_conv.weight")
-        _bn(named[f"{branch}_dw_bn"], weights, f"{prefix}.attn.{branch}.norm")
-      _conv(named[f"{branch}_proj"], weights, f"{prefix}.attn.{branch}.proj.weight")
-    _conv(block.output_proj, weights, f"{prefix}.attn.output.proj.weight")
-    if block.layer_scale is not None:
-      _assign(block.layer_scale.gamma, weights.take(f"{prefix}.layer_scale.gamma"),
-              f"{prefix}.layer_scale.gamma", weights.source)
-    return
-  ops = _ops(block)
-  if isinstance(block, L.ConvBNAct):
-    pairs = [("conv", "conv.weight", "bn", "bn1")]
-  elif isinstance(block, L.FusedIB):
-    pairs = [("expand", "conv_exp.weight", "expand_bn", "bn1"),
-             ("project", "conv_pwl.weight", "project_bn", "bn2")]
-  else:
-    pairs = [("start_dw", "dw_start.conv.weight", "start_dw_bn", "dw_start.bn"),
-             ("expand", "pw_exp.conv.weight", "expand_bn", "pw_exp.bn"),
-             ("middle_dw", "dw_mid.conv.weight", "middle_dw_bn", "dw_mid.bn"),
-             ("project", "pw_proj.conv.weight", "project_bn", "pw_proj.bn")]
-  for conv, conv_key, bn, bn_key in pairs:
-    if conv in ops:
-      _conv(ops[conv], weights, f"{prefix}.{conv_key}")
-      _bn(ops[bn], weights, f"{prefix}.{bn_key}")
-  if "layer_scale" in ops:
-    _assign(ops["layer_scale"].gamma, weights.take(f"{prefix}.layer_scale.gamma"),
-            f"{prefix}.layer_scale.gamma", weights.source)
+  _TIMM_LOADERS[type(L.block_spec_of(block))](block, weights, prefix)
 
 
 def read_timm_config(path: str) -> tuple[str, dict]:

@@ -1,18 +1,25 @@
 """The whole pipeline on this machine: `python -m mnv4_train.demo` (the README's main command).
 
-On sklearn's digits (real scans that ship offline), or on your own image folder with
-`--images=PATH` (class_name/*.jpg|png, any number of classes; corrupt files are counted and
-skipped), in a workspace folder (WORKSPACE.md):
+By default on Fashion-MNIST (real product photos; the Debian package dataset-fashion-mnist), the
+paper's section 8 in miniature, in a workspace folder (WORKSPACE.md):
 
-  1 images    the digits written out as an image folder (skipped with --images)
-  2 sources   data_prep.ingest (Beam): train and held-out source shards (20% held out by id)
-  3 teacher   mnv4_train.main digits_teacher.gin: MNv4-Conv-S on labels
-  4 baseline  mnv4_train.main digits_student.gin: the half-width student on labels only
-  5 d1, d2    data_prep.distill (Beam, DirectRunner, 2 worker processes) with the teacher
-  6 student   mnv4_train.main digits_distill.gin: the student distilled on D1 + D2, mixed
-  7 export    mnv4_train.export: the distilled student as TFLite (float32), checked
-  8 report    a table of teacher / label-only student / distilled student: held-out
-              accuracy, parameters, MACs, images/s; training curves in each run's curves.png
+  1 images    sklearn's digits as an image folder: out-of-distribution images for the corpus
+  2 sources   data_prep.ingest (Beam): a labelled subset ("ImageNet") split into train and
+              validation by a stable id hash, the rest of the training images as an unlabelled,
+              class-imbalanced corpus ("JFT") with the digits mixed in, and the official test set
+  3 teacher   mnv4_train.main fashion_teacher.gin: MNv4-Conv-S on the labelled subset
+  4 baseline  fashion_student.gin: MNv4-Conv-S x0.25 on labels only (also the relevance
+              classifier of stage 5, as the paper's is a small supervised model)
+  5 d3 select data_prep.select_d3: score the corpus, keep > 0.3, top K per class, replicate rare
+  6 d1 d2 d3  data_prep.distill (Beam RunInference, 2 worker processes) with the teacher
+  7 student   fashion_distill.gin: the same student distilled on D1 + D2 + D3 mixed 1:1:2
+  8 export    mnv4_train.export: the distilled student as TFLite (float32), checked
+  9 report    every model on the 10,000 official test images; table, report.json, report.png
+
+`--ablation` adds the students of the paper's Table 8 (D1, D2, D3, D1+D2, D2+D3 alone) with the
+same number of steps, and an ablation table and PNG. `--dataset digits` runs the quick digits
+path (D1 + D2, no corpus); `--images=PATH` runs that path on your own folder (class_name/*.jpg|png,
+any number of classes; corrupt files are counted and skipped).
 
 Each stage runs as its own process, as a user would run it, and each stage's output is complete
 or absent: Beam jobs write to a temporary folder and rename it, training runs resume from their
@@ -39,16 +46,49 @@ class StageFailed(UserError):
 
 def parse_args(argv):
   parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+  parser.add_argument("--dataset", choices=["fashion_mnist", "digits"], default="fashion_mnist",
+                      help="fashion_mnist: the section-8 experiment (default); digits: the quick "
+                      "path on sklearn's digits")
   parser.add_argument("--images", default=None,
-                      help="your own image folder (class_name/*.jpg|png) instead of the digits")
+                      help="your own image folder (class_name/*.jpg|png): the quick path on it")
+  parser.add_argument("--ablation", action="store_true",
+                      help="fashion_mnist: also the students of Table 8's rows (D1, D2, D3, "
+                      "D1+D2, D2+D3) and the ablation table + PNG")
+  parser.add_argument("--labelled", type=float, default=0.09,
+                      help="fashion_mnist: fraction of the 60,000 training images in the "
+                      "labelled training subset")
+  parser.add_argument("--val", type=float, default=0.02,
+                      help="fashion_mnist: fraction carved from the training images for "
+                      "validation (every choice was made on it)")
+  parser.add_argument("--corpus", type=float, default=1.0,
+                      help="fashion_mnist: the corpus is the training images from the labelled "
+                      "and validation fractions up to this one (1.0: all the rest)")
+  parser.add_argument("--rare_classes", default="2:0.1,4:0.1,6:0.1",
+                      help="fashion_mnist: CLASS:FRACTION kept in the corpus, to make it "
+                      "imbalanced")
+  parser.add_argument("--ood", type=int, default=180,
+                      help="fashion_mnist: out-of-distribution digit images per class added to "
+                      "the corpus (sklearn has about 180 per class)")
+  parser.add_argument("--test", type=float, default=1.0,
+                      help="fashion_mnist: fraction of the 10,000 test images to evaluate on")
+  parser.add_argument("--per_class", type=int, default=None,
+                      help="fashion_mnist: D3's K images per class (default: the corpus size "
+                      "/ 10, rounded to 100)")
+  parser.add_argument("--threshold", type=float, default=0.3,
+                      help="fashion_mnist: relevance score above which a corpus image may enter "
+                      "D3 (the paper's 0.3)")
+  parser.add_argument("--student_steps", type=int, default=None,
+                      help="fashion_mnist: steps of every distilled student (default: "
+                      "fashion_distill.gin's)")
   parser.add_argument("--workspace", default=None,
                       help="workspace folder (default workspace/digits, or workspace/<folder "
                       "name> with --images)")
   parser.add_argument("--resolution", type=int, default=32, help="model input size")
   parser.add_argument("--epochs", type=float, default=None,
                       help="training epochs of every run (default: the gin files' 30)")
-  parser.add_argument("--replicas", type=int, default=4,
-                      help="augmented replicas of each distillation dataset (D1, D2)")
+  parser.add_argument("--replicas", default=None,
+                      help="augmented replicas of each distillation dataset: one number for all, "
+                      "or D1,D2,D3 (default: 4 for digits and folders; fashion_mnist 4,4,2)")
   parser.add_argument("--holdout_fraction", type=float, default=0.2)
   parser.add_argument("--crop_area_min", type=float, default=0.5,
                       help="smallest inception-crop area in D1/D2 (the paper: 0.08, for "
@@ -61,12 +101,32 @@ def parse_args(argv):
   _VERBOSE[:] = ["--verbose"] if args.verbose else []
   if args.images is not None and not os.path.isdir(args.images):
     parser.error(f"--images {args.images} is not a folder of class_name/ subfolders")
-  if args.resolution < 16 or args.replicas < 1:
-    parser.error("--resolution must be >= 16 and --replicas >= 1")
+  if args.images is not None:
+    args.dataset = "folder"
+  default = "4,4,2" if args.dataset == "fashion_mnist" else "4"
+  try:
+    reps = [int(r) for r in (args.replicas or default).split(",")]
+  except ValueError:
+    parser.error(f"--replicas takes N or D1,D2,D3, got {args.replicas!r}")
+  if len(reps) == 1:
+    reps = reps * 3
+  if len(reps) != 3 or min(reps) < 1:
+    parser.error(f"--replicas takes N or D1,D2,D3 (each >= 1), got {args.replicas!r}")
+  args.replicas = dict(zip(("d1", "d2", "d3"), reps))
+  if args.resolution < 16:
+    parser.error("--resolution must be >= 16")
+  if not (0 < args.labelled and 0 < args.val and args.labelled + args.val < args.corpus <= 1.0):
+    parser.error("--labelled, --val and --corpus need 0 < labelled, val and labelled + val < "
+                 "corpus <= 1")
+  if not 0 < args.test <= 1.0 or args.ood < 0:
+    parser.error("--test must be in (0, 1] and --ood >= 0")
+  if args.ablation and args.dataset != "fashion_mnist":
+    parser.error("--ablation runs on --dataset fashion_mnist only (it needs the corpus for D3)")
   if args.flip == "auto":
-    args.flip = "no" if args.images is None else "yes"
+    args.flip = "no" if args.dataset == "digits" else "yes"
   if args.workspace is None:
-    name = "digits" if args.images is None else os.path.basename(os.path.abspath(args.images))
+    name = (args.dataset if args.images is None
+            else os.path.basename(os.path.abspath(args.images)))
     args.workspace = os.path.join("workspace", name)
   args.workspace = os.path.abspath(args.workspace)
   return args
@@ -76,11 +136,32 @@ def _log(message):
   print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _record_time(workspace, key, seconds):
+  """Adds a stage's wall seconds to workspace/stage_times.json (kept across resumed runs)."""
+  path = os.path.join(workspace, "stage_times.json")
+  times = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      times = json.load(f)
+  times[key] = times.get(key, 0.0) + seconds
+  with open(path + ".tmp", "w") as f:
+    json.dump(times, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def _stage_times(workspace):
+  path = os.path.join(workspace, "stage_times.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 _VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
 _BEAM_JOBS = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill")
 
 
-def _run(stage, argv):
+def _run(stage, argv, workspace=None, key=None):
   """Runs one stage's command with this interpreter; its output streams to the console."""
   # TODO(i10): pass --verbose to mnv4_train.main as well once it takes the flag.
   cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _BEAM_JOBS else [])
@@ -91,6 +172,8 @@ def _run(stage, argv):
     raise StageFailed(f"stage {stage} failed (exit status {proc.returncode}); fix what it "
                       "reported and run the same command again: finished stages are kept")
   _log(f"{stage}: done in {time.time() - start:.0f} s")
+  if workspace:
+    _record_time(workspace, key or stage, time.time() - start)
 
 
 def _finished_job(folder, marker="manifest.json"):
@@ -113,14 +196,15 @@ def _train(stage, gin_file, workdir, args, *bindings):
   if args.epochs is not None:
     binds.append(f"train.epochs={args.epochs}")
   _run(stage, ["mnv4_train.main", f"--gin_file={gin_file}", f"--workdir={workdir}"]
-       + [f"--gin_bindings={b}" for b in binds + list(bindings)])
+       + [f"--gin_bindings={b}" for b in binds + list(bindings)],
+       args.workspace, os.path.basename(workdir))
 
 
-def _job(stage, folder, argv, marker="manifest.json"):
+def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):
   if _finished_job(folder, marker):
     _log(f"{stage}: finished before ({folder}), kept")
     return
-  _run(stage, argv)
+  _run(stage, argv, workspace, key)
 
 
 def measure(keras_path, resolution, batch=64, rounds=5):
@@ -180,12 +264,13 @@ def report(args, runs, export_dir):
   if os.path.exists(report_path):
     with open(report_path) as f:
       export = json.load(f)
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   sources = {}
   for subset in ("train", "holdout"):
-    with open(os.path.join(args.workspace, "sources", subset, "manifest.json")) as f:
-      m = json.load(f)
-    sources[subset] = {"images": m["num_examples"], "classes": m["num_classes"],
-                       "unreadable_skipped": m["dead_letter"]}
+    m = formats.SourceShards.read(os.path.join(args.workspace, "sources", subset),
+                                  f"sources/{subset}")
+    sources[subset] = {"images": m.num_examples, "classes": m.num_classes,
+                       "unreadable_skipped": m.dead_letter}
   out = {"workspace": args.workspace, "resolution": args.resolution, "sources": sources,
          "runs": rows, "export": export, "curves": plot_eval(runs, args.workspace)}
   with open(os.path.join(args.workspace, "report.json"), "w") as f:
@@ -208,9 +293,16 @@ def report(args, runs, export_dir):
 
 def run(argv=None) -> dict:
   args = parse_args(argv)
+  os.makedirs(args.workspace, exist_ok=True)
+  _log(f"workspace {args.workspace}")
+  if args.dataset == "fashion_mnist":
+    return run_fashion(args)
+  return run_folder(args)
+
+
+def run_folder(args) -> dict:
+  """The quick path: digits or a user's folder; D1 + D2 from the teacher, no corpus."""
   ws = args.workspace
-  os.makedirs(ws, exist_ok=True)
-  _log(f"workspace {ws}")
   images = args.images
   if images is None:
     images = os.path.join(ws, "images")
@@ -235,7 +327,7 @@ def run(argv=None) -> dict:
     folder = os.path.join(ws, "distill", recipe)
     _job(f"5/8 {recipe}", folder,
          ["data_prep.distill", f"--recipe={recipe}", f"--source={ws}/sources/train",
-          f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas}",
+          f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas[recipe]}",
           "--replicas_per_task=1", "--batch_size=64", f"--crop_area_min={args.crop_area_min}"]
          + (["--no_flip"] if args.flip == "no" else []) + beam)
   _train("6/8 student", "digits_distill.gin", os.path.join(runs, "student_distill"), args)
@@ -250,6 +342,242 @@ def run(argv=None) -> dict:
                        ("student, labels only", os.path.join(runs, "student_labels")),
                        ("student, distilled", os.path.join(runs, "student_distill"))],
                 export_dir)
+
+
+# ---- Fashion-MNIST: section 8 in miniature ---------------------------------------------------
+
+# Table 8's rows: name -> mixture weights (D1:D2:D3 = 1:1:2 is the paper's winning mix).
+MIXTURES = {
+    "d1": {"d1": 1.0},
+    "d2": {"d2": 1.0},
+    "d3": {"d3": 1.0},
+    "d1+d2": {"d1": 1.0, "d2": 1.0},
+    "d2+d3": {"d2": 1.0, "d3": 1.0},
+    "d1+d2+d3": {"d1": 1.0, "d2": 1.0, "d3": 2.0},
+}
+MAIN_MIXTURE = "d1+d2+d3"
+
+
+def _fashion_sources(args):
+  ws = args.workspace
+  beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+  ood = os.path.join(ws, "ood_digits")
+  if args.ood and not os.path.exists(os.path.join(ood, ".complete")):
+    _run("1/9 images", ["data_prep.digits", f"--out={ood}", f"--per_class={args.ood}",
+                        "--size=28"])
+    open(os.path.join(ood, ".complete"), "w").close()
+  elif args.ood:
+    _log(f"1/9 images: finished before ({ood}), kept")
+  lab, val = args.labelled, args.labelled + args.val
+  subsets = {
+      "train": ["--fashion_mnist=train", f"--hash_range=0,{lab}", "--num_shards=2"],
+      "val": ["--fashion_mnist=train", f"--hash_range={lab},{val}", "--num_shards=1"],
+      "corpus": ["--fashion_mnist=train", f"--hash_range={val},{args.corpus}", "--drop_labels",
+                 "--num_shards=4"]
+                + ([f"--class_fraction={args.rare_classes}"] if args.rare_classes else [])
+                + ([f"--unlabeled_images={ood}"] if args.ood else []),
+      "test": ["--fashion_mnist=test", "--num_shards=2"]
+              + ([f"--hash_range=0,{args.test}"] if args.test < 1.0 else []),
+  }
+  for subset, flags in subsets.items():
+    folder = os.path.join(ws, "sources", subset)
+    _job(f"2/9 sources ({subset})", folder,
+         ["data_prep.ingest", f"--out={folder}"] + flags + beam, workspace=ws,
+         key=f"sources/{subset}")
+
+
+def _distill_student(args, name, steps_binding):
+  runs = os.path.join(args.workspace, "runs")
+  weights = MIXTURES[name]
+  datasets = {d: f"distill/{d}" for d in weights}
+  workdir = os.path.join(runs, "student_" + name.replace("+", "_"))
+  stage = "7/9 student" if name == MAIN_MIXTURE else "ablation"
+  _train(f"{stage} ({name})", "fashion_distill.gin", workdir, args,
+         f"train.datasets={datasets!r}", f"train.weights={weights!r}", *steps_binding)
+  return workdir
+
+
+def evaluate(keras_path, shards, resolution, batch=256):
+  """Top-1 of a `.keras` model on source shards (whole images resized, as training evaluates)."""
+  import keras  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from mnv4_train.data import pipeline  # pylint: disable=import-outside-toplevel
+  model = keras.saving.load_model(keras_path, compile=False)
+  ds, _ = pipeline.eval_dataset(shards, resolution=resolution, batch_size=batch,
+                                crop_fraction=1.0)
+  correct = total = 0
+  for b in ds:
+    logits = model(b["image"], training=False)
+    correct += int(np.sum(np.argmax(logits, -1) == b["label"].numpy()))
+    total += int(b["label"].shape[0])
+  return correct / total, total
+
+
+def _selection_figures(ws):
+  """The relevance filter's figures: per-class counts and out-of-distribution images kept."""
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
+  sel = os.path.join(ws, "selections", "d3")
+  m = formats.D3Selection.read(sel, "the D3 selection")
+  ood_kept = ood_records = 0
+  for name in sorted(os.listdir(sel)):
+    if name.startswith("selection-"):
+      with open(os.path.join(sel, name)) as f:
+        for line in f:
+          row = json.loads(line)
+          if row["id"].startswith("unlabeled/"):
+            ood_kept += 1
+            ood_records += row["copies"]
+  corpus = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"), "the corpus")
+  ood_total = corpus.source.get("unlabeled_images") and sum(
+      1 for c in os.listdir(os.path.join(ws, "ood_digits")) if c.isdigit()
+      for _ in os.listdir(os.path.join(ws, "ood_digits", c)))
+  return {"corpus_images": corpus.num_examples, "ood_images": ood_total or 0,
+          "threshold": m.threshold, "per_class": m.per_class,
+          "above_threshold": m.num_above_threshold,
+          "above_threshold_per_class": m.above_threshold_per_class,
+          "kept_per_class": m.selected_unique_per_class,
+          "records_per_class": m.selected_total_per_class,
+          "ood_kept": ood_kept, "ood_records": ood_records}
+
+
+def run_fashion(args) -> dict:
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
+  ws = args.workspace
+  start = time.time()
+  _fashion_sources(args)
+  runs = os.path.join(ws, "runs")
+  _train("3/9 teacher", "fashion_teacher.gin", os.path.join(runs, "teacher"), args)
+  _train("4/9 baseline", "fashion_student.gin", os.path.join(runs, "student_labels"), args)
+  teacher = os.path.join(runs, "teacher", "export", "student.keras")
+  relevance = os.path.join(runs, "student_labels", "export", "student.keras")
+  corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
+                                          "the corpus").num_examples
+  per_class = args.per_class or max(100, round(corpus_size / 10, -2))
+  beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+  selection = os.path.join(ws, "selections", "d3")
+  _job("5/9 d3 select", selection,
+       ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
+        f"--out={selection}", f"--per_class={per_class}", f"--threshold={args.threshold}",
+        "--batch_size=256"] + beam, workspace=ws, key="select_d3")
+  for recipe in ("d1", "d2", "d3"):
+    folder = os.path.join(ws, "distill", recipe)
+    source = "corpus" if recipe == "d3" else "train"
+    _job(f"6/9 {recipe}", folder,
+         ["data_prep.distill", f"--recipe={recipe}", f"--source={ws}/sources/{source}",
+          f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas[recipe]}",
+          "--replicas_per_task=1", "--batch_size=256", f"--crop_area_min={args.crop_area_min}"]
+         + ([f"--selection={selection}"] if recipe == "d3" else [])
+         + (["--no_flip"] if args.flip == "no" else []) + beam, workspace=ws, key=recipe)
+  steps = [f"train.train_steps={args.student_steps}"] if args.student_steps else []
+  main_run = _distill_student(args, MAIN_MIXTURE, steps)
+  export_dir = os.path.join(ws, "export")
+  _job("8/9 export", export_dir,
+       ["mnv4_train.export", "--model=conv_s", f"--checkpoint={main_run}/export/student.keras",
+        f"--out={export_dir}", "--format=tflite_float32",
+        f"--representative={ws}/sources/val/shard-*.tfrecord"],
+       marker="export_report.json")
+  ablation = {}
+  if args.ablation:
+    for name in MIXTURES:
+      ablation[name] = (main_run if name == MAIN_MIXTURE
+                        else _distill_student(args, name, steps))
+  _log("9/9 report")
+  return fashion_report(args, [("teacher (Conv-S)", os.path.join(runs, "teacher")),
+                               ("student, labels only (Conv-S x0.25)",
+                                os.path.join(runs, "student_labels")),
+                               ("student, distilled D1+D2+D3 1:1:2", main_run)],
+                        export_dir, ablation, time.time() - start)
+
+
+def fashion_report(args, runs, export_dir, ablation, seconds):
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
+  ws = args.workspace
+  test = os.path.join(ws, "sources", "test")
+  times = _stage_times(ws)
+  rows = []
+  for label, workdir in runs + [(f"ablation {n}", w) for n, w in ablation.items()
+                                if w not in [r[1] for r in runs]]:
+    with open(os.path.join(workdir, "metrics.json")) as f:
+      metrics = json.load(f)
+    top1, n_test = evaluate(metrics["export"], test, args.resolution)
+    params, macs, speed = measure(metrics["export"], args.resolution)
+    rows.append({"model": label, "workdir": workdir, "top1": top1, "test_images": n_test,
+                 "train_seconds": times.get(os.path.basename(workdir)),
+                 "val_top1": metrics["top1"], "params": params, "macs": macs,
+                 "images_per_second": speed, "steps": metrics.get("step"),
+                 "curves": os.path.join(workdir, "curves.png")})
+  by_workdir = {r["workdir"]: r for r in rows}
+  export = {}
+  report_path = os.path.join(export_dir, "export_report.json")
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      export = json.load(f)
+  sources = {}
+  for subset in ("train", "val", "corpus", "test"):
+    m = formats.SourceShards.read(os.path.join(ws, "sources", subset), f"sources/{subset}")
+    sources[subset] = {"images": m.num_examples, "counts_per_class": m.counts_per_class,
+                       "unlabeled": m.unlabeled}
+  selection = _selection_figures(ws)
+  table8 = [{"mixture": name, "top1": by_workdir[w]["top1"], "workdir": w,
+             "train_seconds": by_workdir[w]["train_seconds"]} for name, w in ablation.items()]
+  out = {"workspace": ws, "dataset": "fashion_mnist", "resolution": args.resolution,
+         "sources": sources, "selection": selection, "runs": rows, "ablation": table8,
+         "export": export, "wall_seconds": seconds, "stage_seconds": times,
+         "curves": plot_eval(runs, ws)}
+  if table8:
+    out["ablation_png"] = plot_ablation(table8, rows[0]["top1"], rows[1]["top1"], ws)
+  with open(os.path.join(ws, "report.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  print()
+  print(f"Fashion-MNIST: {sources['train']['images']} labelled training images, "
+        f"{sources['val']['images']} validation, corpus of {sources['corpus']['images']} "
+        f"unlabelled ({selection['ood_images']} of them out-of-distribution digits), "
+        f"{sources['test']['images']} test images")
+  print(f"D3 (relevance filter: the label-only student, > {selection['threshold']}): "
+        f"{selection['above_threshold']} of {selection['corpus_images']} corpus images pass, "
+        f"{selection['ood_kept']} of {selection['ood_images']} digits among them; "
+        f"kept per class {selection['kept_per_class']} -> records per class after "
+        f"replication {selection['records_per_class']}")
+  print(f"{'model':<38}{'test top-1':>11}{'val top-1':>10}{'params':>10}{'MACs':>11}"
+        f"{'images/s':>9}")
+  for r in rows:
+    print(f"{r['model']:<38}{100 * r['top1']:>10.2f}%{100 * r['val_top1']:>9.2f}%"
+          f"{r['params']:>10,}{r['macs'] / 1e6:>9.2f} M{r['images_per_second']:>9.0f}")
+  if table8:
+    print("Table 8 in miniature (same student, same steps; test top-1):")
+    for t in table8:
+      took = t["train_seconds"]
+      print(f"  {t['mixture']:<10}{100 * t['top1']:>7.2f}%"
+            + (f"   trained in {took / 60:.1f} min" if took else ""))
+  print(f"(test: the {sources['test']['images']} official test images, read only here; "
+        f"images/s: batch 64 at {args.resolution} px on this CPU; curves: {out['curves']}; "
+        f"all of it in {os.path.join(ws, 'report.json')}; {seconds / 60:.1f} min)")
+  return out
+
+
+def plot_ablation(table8, teacher, labels_only, ws):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7, 3.8))
+  names = [t["mixture"].upper() for t in table8]
+  values = [100 * t["top1"] for t in table8]
+  ax.bar(names, values, color="#4477aa")
+  ax.axhline(100 * teacher, color="#228833", ls="--", label=f"teacher {100 * teacher:.2f}%")
+  ax.axhline(100 * labels_only, color="#cc3311", ls=":",
+             label=f"labels only {100 * labels_only:.2f}%")
+  low = min(values + [100 * labels_only]) - 2
+  ax.set_ylim(low, max(values + [100 * teacher]) + 1)
+  for i, v in enumerate(values):
+    ax.text(i, v + 0.1, f"{v:.2f}", ha="center", fontsize=8)
+  ax.set_ylabel("test top-1 (%)")
+  ax.set_title("distilled student by dataset mixture (Table 8 in miniature)")
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  path = os.path.join(ws, "ablation.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def main(argv=None):

@@ -11,6 +11,17 @@ import contextlib
 import sys
 
 
+def first_line(text, default: str = "") -> str:
+  """The first non-empty line of `text` (an exception or a string), else `default`.
+
+  `str(e).splitlines()[0]` raises IndexError on an empty message; this never does.
+  """
+  for line in str(text).strip().splitlines():
+    if line.strip():
+      return line.strip()
+  return default or (type(text).__name__ if isinstance(text, BaseException) else "")
+
+
 class UserError(Exception):
   """A mistake the user can fix: the message names it and says how."""
 
@@ -23,6 +34,10 @@ class InputPathError(UserError):
   """A missing or unreadable input path."""
 
 
+class FormatError(InputPathError):
+  """A stage output of another format, or another version of it, than the reader needs."""
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
   """Turns a UserError raised inside the block into `prog: error: ...` and exit status 2."""
@@ -30,7 +45,7 @@ def exit_on_user_error(prog: str):
     yield
   except UserError as e:
     # One line: gin appends the configurable's name on lines of its own.
-    message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    message = first_line(e)
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 

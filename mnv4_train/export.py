@@ -3,7 +3,7 @@
     python -m mnv4_train.export --model conv_s --checkpoint runs/x/model.keras \\
         --out exports/x [--format all] [--representative 'sources/in/train-*.tfrecord']
 
-The last stage of the flow (DESIGN.md, "Evaluation and export"): it takes a `.keras` checkpoint
+The last stage of the flow (README.md, "Export: SavedModel and TFLite/LiteRT"): it takes a `.keras` checkpoint
 (Keras 3 `model.save`), checks that it holds the variant `--model` names, and writes under `--out`:
 
   saved_model/           TensorFlow SavedModel, signature `serve` (= serving_default), any batch
@@ -41,7 +41,8 @@ import sys
 import tempfile
 from typing import Iterable, Sequence
 
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
+                               first_line)
 
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_int8")
 TFLITE_FILES = {"tflite_float32": "model_float32.tflite", "tflite_float16": "model_float16.tflite",
@@ -112,7 +113,7 @@ def load_images(source: str, *, resolution: int, count: int):
   try:
     batches = [b.numpy() for b in dataset]
   except tf.errors.OpError as e:
-    reason = (e.message or type(e).__name__).strip().splitlines()[0][:200]
+    reason = first_line(e.message or "", type(e).__name__)[:200]
     raise InputPathError(f"--representative {source}: cannot read an image ({reason}); records "
                          "need an 'image/encoded' bytes feature holding a JPEG or PNG") from None
   if not batches:

@@ -75,6 +75,7 @@ def test_worker_warnings_and_errors_reach_the_console_once(tmp_path):
       from data_prep import console, files
       import apache_beam as beam
       from apache_beam.options.pipeline_options import PipelineOptions
+      from mnv4_train.data import formats
 
       def check(x):
         if x == 3:
@@ -89,7 +90,8 @@ def test_worker_warnings_and_errors_reach_the_console_once(tmp_path):
                          pipeline=beam.Pipeline(options=PipelineOptions(argv)),
                          build=lambda p, tmp: (p | beam.Create(range(20))
                                                | console.ReportProgress()
-                                               | beam.Map(check)))
+                                               | beam.Map(check)),
+                         manifest=formats.SourceShards)
 
       files.job_main("data_prep.check", run, sys.argv[2:])
       """))

@@ -328,3 +328,17 @@ def test_explicit_filters_override_width_rounding():
     models.build("hybrid_m", filters={"stage2_block4": 160})  # an MQA block: no filters
   with pytest.raises(ConfigError, match="source_normalization"):
     models.build("conv_s", source_normalization=((0.5, 0.5), (0.2, 0.2, 0.2)))
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_every_block_layer_gives_its_table_record_back(name):
+  spec = specs.get_spec(name)
+  model = models.build(name, num_classes=10, width=1.0, resolution=64)
+  for s, stage in enumerate(spec.stages):
+    for i, block in enumerate(stage):
+      layer = model.get_layer(f"stage{s}_block{i}")
+      assert type(layer) is L.BLOCK_LAYERS[type(block)]
+      assert L.block_spec_of(layer) == block
+  assert L.block_spec_of(model.get_layer("pool")) is None
+  with pytest.raises(TypeError, match="unknown block record"):
+    L.block_layer(("uib", 3), filters=8, name="x")

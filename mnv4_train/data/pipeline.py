@@ -32,23 +32,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Optional
 
 import tensorflow as tf
 
-from mnv4_train.data import augment, records
+from mnv4_train.data import augment, formats, records
 from mnv4_train.errors import ConfigError, InputPathError
-
-DISTILL_FORMAT = "mnv4-distill-records"
-SOURCE_FORMAT = "mnv4-source-shards"
 
 
 @dataclasses.dataclass(frozen=True)
-class InputSpec:
+class ShardPair:
+  """A source shard and, for distillation records, the record file that replays it."""
+  source_shard: str                  # path of the source shard
+  source_count: int                  # images in it
+  record_file: Optional[str] = None  # None for a source-shards dataset (parameters are drawn)
+  record_count: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
   """One training dataset as the pipeline reads it (from its manifest)."""
   name: str
   path: str
   kind: str                          # "distill" (records + sources) or "source" (source shards)
-  pairs: tuple                       # ((record file or "", records, source shard, images), ...)
+  pairs: tuple[ShardPair, ...]
   num_classes: int
   num_examples: int                  # records, or source images
   epoch_examples: int                # source images one replica covers (what an epoch means)
@@ -57,40 +64,37 @@ class InputSpec:
   recipe: str = ""
 
 
-def open_dataset(path: str, name: str | None = None) -> InputSpec:
+def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
   """Reads a stage output's manifest: distillation records or source shards."""
   name = name or os.path.basename(path.rstrip("/"))
-  manifest = records.read_manifest(path, f"dataset '{name}'")
-  fmt = manifest.get("format", "")
-  if fmt.startswith(DISTILL_FORMAT):
-    source = manifest["source"]
-    if not tf.io.gfile.exists(os.path.join(source, records.MANIFEST)):
+  manifest = formats.read(path, f"dataset '{name}'", formats.DistillRecords,
+                          formats.SourceShards)
+  if isinstance(manifest, formats.DistillRecords):
+    source = manifest.source
+    if not tf.io.gfile.exists(os.path.join(source, formats.MANIFEST)):
       raise InputPathError(f"dataset '{name}' ({path}) was built from source shards {source}, "
                            "which are gone; put them back at that path")
-    source_counts = {s["path"]: s["count"] for s in
-                     records.read_manifest(source, f"the source of dataset '{name}'")["shards"]}
+    source_counts = {s.path: s.count for s in
+                     formats.SourceShards.read(source, f"the source of dataset '{name}'").shards}
     pairs = []
-    for f in manifest["files"]:
-      shard = os.path.basename(f["path"])
-      if f["count"]:
-        pairs.append((os.path.join(path, f["path"]), f["count"], os.path.join(source, shard),
-                      source_counts[shard]))
-    pairs = tuple(pairs)
-    return InputSpec(name=name, path=path, kind="distill", pairs=pairs,
-                     num_classes=int(manifest["num_classes"]),
-                     num_examples=int(manifest["num_records"]),
-                     epoch_examples=max(1, int(manifest["num_records"]) // int(manifest["replicas"])),
-                     resolution=int(manifest["resolution"]), top_k=int(manifest["top_k"]),
-                     recipe=manifest["recipe"])
-  if fmt.startswith(SOURCE_FORMAT):
-    pairs = tuple(("", 0, os.path.join(path, s["path"]), s["count"])
-                  for s in manifest["shards"] if s["count"])
-    return InputSpec(name=name, path=path, kind="source", pairs=pairs,
-                     num_classes=int(manifest["num_classes"]),
-                     num_examples=int(manifest["num_examples"]),
-                     epoch_examples=int(manifest["num_examples"]))
-  raise InputPathError(f"dataset '{name}' ({path}) is neither distillation records nor source "
-                       f"shards (manifest format {fmt!r})")
+    for f in manifest.files:
+      shard = os.path.basename(f.path)
+      if f.count:
+        pairs.append(ShardPair(source_shard=os.path.join(source, shard),
+                               source_count=source_counts[shard],
+                               record_file=os.path.join(path, f.path), record_count=f.count))
+    return DatasetInfo(name=name, path=path, kind="distill", pairs=tuple(pairs),
+                       num_classes=int(manifest.num_classes),
+                       num_examples=int(manifest.num_records),
+                       epoch_examples=max(1, int(manifest.num_records) // int(manifest.replicas)),
+                       resolution=int(manifest.resolution), top_k=int(manifest.top_k),
+                       recipe=manifest.recipe)
+  pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
+                for s in manifest.shards if s.count)
+  return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
+                     num_classes=int(manifest.num_classes),
+                     num_examples=int(manifest.num_examples),
+                     epoch_examples=int(manifest.num_examples))
 
 
 # ---- per-dataset streams of light elements (encoded images, parameters, teacher) --------------
@@ -141,13 +145,14 @@ class StreamOptions:
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
 
 
-def _stream(spec: InputSpec, index: int, num_classes: int, opts: StreamOptions, pairs):
+def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOptions, pairs):
   """Infinite stream of one dataset's light elements, epoch after epoch."""
   count = len(pairs)
-  rec_files = tf.constant([p[0] for p in pairs])
-  rec_counts = tf.constant([p[1] for p in pairs], tf.int64)
-  src_files = tf.constant([p[2] for p in pairs])
-  src_counts = tf.constant([p[3] for p in pairs], tf.int64)
+  # Source-shard datasets have no record files: "" fills the tensor, and source_pair ignores it.
+  rec_files = tf.constant([p.record_file or "" for p in pairs])
+  rec_counts = tf.constant([p.record_count for p in pairs], tf.int64)
+  src_files = tf.constant([p.source_shard for p in pairs])
+  src_counts = tf.constant([p.source_count for p in pairs], tf.int64)
 
   def pick(i):
     epoch = i // count
@@ -162,7 +167,7 @@ def _stream(spec: InputSpec, index: int, num_classes: int, opts: StreamOptions, 
     recs = _read_whole(rec_file, rec_count)
 
     def attach(j):
-      ex = records.parse_distill(recs[j], spec.top_k)
+      ex = records.parse_distill(recs[j], dataset.top_k)
       at = ex["source_index"]
       partner = tf.where(ex["partner_index"] >= 0, ex["partner_index"], at)
       return {"image": table["encoded"][at], "partner": table["encoded"][partner],
@@ -187,7 +192,7 @@ def _stream(spec: InputSpec, index: int, num_classes: int, opts: StreamOptions, 
               "dataset": tf.constant(index, tf.int32)}
     return _permuted(src_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(draw)
 
-  make_pair = distill_pair if spec.kind == "distill" else source_pair
+  make_pair = distill_pair if dataset.kind == "distill" else source_pair
   return (tf.data.Dataset.counter()
           .map(pick)
           .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1,
@@ -262,32 +267,32 @@ def _options(deterministic: bool):
   return options
 
 
-def train_dataset(specs, *, resolution: int, host_batch: int, num_classes: int,
+def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: int,
                   weights=None, schedule=None, num_hosts: int = 1, host: int = 0,
                   shard_policy: str = "auto", deterministic: bool = True,
                   options: StreamOptions = StreamOptions()):
   """The training input of one host: batches of {image, label, teacher, dataset}."""
-  names = [s.name for s in specs]
+  names = [d.name for d in datasets]
   boundaries, table = normalise_schedule(names, weights, schedule)
-  for spec in specs:
-    if spec.num_classes != num_classes:
-      what = "teacher logits over" if spec.kind == "distill" else "labels of"
-      raise ConfigError(f"dataset '{spec.name}' ({spec.path}) has {what} {spec.num_classes} "
+  for d in datasets:
+    if d.num_classes != num_classes:
+      what = "teacher logits over" if d.kind == "distill" else "labels of"
+      raise ConfigError(f"dataset '{d.name}' ({d.path}) has {what} {d.num_classes} "
                         f"classes but the model has {num_classes}; train on data with the "
                         "model's classes")
-    if not spec.pairs:
-      raise InputPathError(f"dataset '{spec.name}' ({spec.path}) holds no examples")
+    if not d.pairs:
+      raise InputPathError(f"dataset '{d.name}' ({d.path}) holds no examples")
   if shard_policy == "auto":
-    shard_policy = "files" if all(len(s.pairs) >= num_hosts for s in specs) else "data"
+    shard_policy = "files" if all(len(d.pairs) >= num_hosts for d in datasets) else "data"
   if shard_policy not in ("files", "data"):
     raise ConfigError(f"shard_policy must be 'auto', 'files' or 'data', not {shard_policy!r}")
-  if shard_policy == "files" and any(len(s.pairs) < num_hosts for s in specs):
+  if shard_policy == "files" and any(len(d.pairs) < num_hosts for d in datasets):
     raise ConfigError(f"shard_policy 'files' needs at least {num_hosts} files per dataset (one "
                       "per host); use shard_policy='data'")
   per_host = shard_policy == "files" and num_hosts > 1
-  streams = [_stream(s, i, num_classes, options,
-                     s.pairs[host::num_hosts] if per_host else s.pairs)
-             for i, s in enumerate(specs)]
+  streams = [_stream(d, i, num_classes, options,
+                     d.pairs[host::num_hosts] if per_host else d.pairs)
+             for i, d in enumerate(datasets)]
   step_examples = host_batch if per_host else host_batch * num_hosts
   ds = mix(streams, boundaries, table, step_examples, options.seed)
   if shard_policy == "data" and num_hosts > 1:
@@ -300,10 +305,10 @@ def train_dataset(specs, *, resolution: int, host_batch: int, num_classes: int,
 
 def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: float = 0.875):
   """Held-out source shards -> batches of {image (central crop), label}, every image once."""
-  spec = open_dataset(path, "eval")
-  if spec.kind != "source":
+  info = open_dataset(path, "eval")
+  if info.kind != "source":
     raise ConfigError(f"eval data {path} must be source shards (data_prep.ingest output)")
-  files = [p[2] for p in spec.pairs]
+  files = [p.source_shard for p in info.pairs]
 
   def prepare(serialized):
     ex = records.parse_source(serialized)
@@ -313,4 +318,4 @@ def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: 
         .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE))
-  return ds, spec
+  return ds, info

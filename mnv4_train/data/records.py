@@ -25,20 +25,17 @@ bytes depend on the process's hash seed, and two workers write different files.
 
 Records of one (recipe, replica, source shard) live in one file, sorted by source_index then
 copy, so the trainer streams a source shard beside its records with no global random access.
+
+The manifests that describe a folder of these files (kind, version, shards, counts) are the typed
+records of `formats.py`.
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from mnv4_train.data import augment
-from mnv4_train.errors import InputPathError
-
-MANIFEST = "manifest.json"  # written last by every stage: its presence marks a finished output
 
 IMAGE_FORMATS = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"GIF8": "gif", b"BM": "bmp"}
 
@@ -158,8 +155,8 @@ def distill_record(*, example_id, source_shard: int, source_index: int, recipe: 
 
 
 def distill_features(top_k: int = 0) -> dict:
-  """The tf.io parse spec of a distillation record (full logits, or top-k when top_k > 0)."""
-  spec = {
+  """The tf.io features to parse a distillation record (full logits, or top-k when top_k > 0)."""
+  features = {
       "id": tf.io.FixedLenFeature([], tf.string),
       "partner_id": tf.io.FixedLenFeature([], tf.string),
       "source_shard": tf.io.FixedLenFeature([], tf.int64),
@@ -172,14 +169,14 @@ def distill_features(top_k: int = 0) -> dict:
   }
   for name, (shape, dtype) in augment.PARAM_SPEC.items():
     size = int(np.prod(shape)) if shape else 1
-    spec[f"aug/{name}"] = tf.io.FixedLenFeature(
+    features[f"aug/{name}"] = tf.io.FixedLenFeature(
         [size], tf.int64 if dtype == tf.int32 else tf.float32)
   if top_k:
-    spec["topk/indices"] = tf.io.FixedLenFeature([], tf.string)
-    spec["topk/values"] = tf.io.FixedLenFeature([], tf.string)
+    features["topk/indices"] = tf.io.FixedLenFeature([], tf.string)
+    features["topk/values"] = tf.io.FixedLenFeature([], tf.string)
   else:
-    spec["logits"] = tf.io.FixedLenFeature([], tf.string)
-  return spec
+    features["logits"] = tf.io.FixedLenFeature([], tf.string)
+  return features
 
 
 def parse_distill(serialized: tf.Tensor, top_k: int = 0) -> dict:
@@ -202,12 +199,3 @@ def parse_distill(serialized: tf.Tensor, top_k: int = 0) -> dict:
         tf.io.decode_raw(ex.pop("logits"), tf.float16, little_endian=True), tf.float32)
   return ex
 
-
-def read_manifest(folder: str, what: str) -> dict:
-  """The manifest of a finished stage output, or one clear error naming the flag (`what`)."""
-  path = os.path.join(folder.rstrip("/"), MANIFEST)
-  if not tf.io.gfile.exists(path):
-    raise InputPathError(f"{what} {folder} is not a finished output (no {MANIFEST}); "
-                         "run the stage that builds it first")
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)

@@ -116,8 +116,8 @@ def build(
         rate = drop_path_rate * index / max(len(blocks) - 1, 1)
       index += 1
       block_name = f"stage{stage_id}_block{block_id}"
-      x = _block_layer(block, filters=out(block_name, block.filters), layer_scale=layer_scale,
-                       drop_path_rate=rate, name=block_name, common=common)(x)
+      x = L.block_layer(block, filters=out(block_name, block.filters), layer_scale=layer_scale,
+                        drop_path_rate=rate, name=block_name, **common)(x)
   x = L.ConvBNAct(out("stage4_conv", spec.last_filters), 1, name="stage4_conv", **common)(x)
   x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
   # The head keeps its full width at any multiplier (the Model Garden's finegrain mode).
@@ -159,25 +159,6 @@ def _check_filters(spec, filters) -> dict[str, int]:
   if bad:
     raise ConfigError(f"{spec.name}: filters for {', '.join(bad)} must be positive integers")
   return dict(filters)
-
-
-def _block_layer(block, *, filters, layer_scale, drop_path_rate, name, common):
-  if isinstance(block, S.ConvBN):
-    return L.ConvBNAct(filters, block.kernel, block.stride, name=name, **common)
-  if isinstance(block, S.FusedIB):
-    return L.FusedIB(filters, block.expand_ratio, kernel_size=block.kernel, strides=block.stride,
-                     drop_path_rate=drop_path_rate, name=name, **common)
-  if isinstance(block, S.UIB):
-    return L.UniversalInvertedBottleneck(
-        filters, block.expand_ratio, start_dw_kernel_size=block.start_dw_kernel,
-        middle_dw_kernel_size=block.middle_dw_kernel, strides=block.stride,
-        layer_scale_init_value=layer_scale, drop_path_rate=drop_path_rate, name=name, **common)
-  if isinstance(block, S.MQA):
-    return L.MobileMQA(block.num_heads, block.key_dim, block.value_dim,
-                       kv_strides=block.kv_stride, dw_kernel_size=block.dw_kernel,
-                       layer_scale_init_value=layer_scale, drop_path_rate=drop_path_rate,
-                       name=name, **common)
-  raise TypeError(f"unknown block record {block!r}")
 
 
 def canonical_resolution(name: str) -> int:

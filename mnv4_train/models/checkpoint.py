@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from mnv4_train.errors import ConfigError, InputPathError
+from mnv4_train.errors import ConfigError, InputPathError, first_line
 from mnv4_train.models import specs as S
 
 _BLOCK_NAME = re.compile(r"^stage(\d+)_block(\d+)$")
@@ -21,13 +21,7 @@ _BLOCK_NAME = re.compile(r"^stage(\d+)_block(\d+)$")
 
 def block_signature(block: S.Block) -> tuple:
   """What identifies a block of a spec table: kind and kernels (attention: heads, dims, kv)."""
-  if isinstance(block, S.ConvBN):
-    return ("ConvBN", block.kernel)
-  if isinstance(block, S.FusedIB):
-    return ("FusedIB", block.kernel)
-  if isinstance(block, S.UIB):
-    return ("UIB", block.start_dw_kernel, block.middle_dw_kernel)
-  return ("MQA", block.num_heads, block.key_dim, block.kv_stride > 1)
+  return block.signature
 
 
 def spec_signature(spec: S.ModelSpec) -> tuple:
@@ -44,15 +38,8 @@ def identify_signature(signature: tuple) -> str | None:
 
 def _layer_signature(layer) -> tuple | None:
   from mnv4_train.models import layers as L
-  if isinstance(layer, L.ConvBNAct):
-    return ("ConvBN", layer.kernel_size)
-  if isinstance(layer, L.FusedIB):
-    return ("FusedIB", layer.kernel_size)
-  if isinstance(layer, L.UniversalInvertedBottleneck):
-    return ("UIB", layer.start_dw_kernel_size, layer.middle_dw_kernel_size)
-  if isinstance(layer, L.MobileMQA):
-    return ("MQA", layer.num_heads, layer.key_dim, layer.kv_strides > 1)
-  return None
+  block = L.block_spec_of(layer)
+  return block.signature if block is not None else None
 
 
 def model_signature(model) -> tuple | None:
@@ -92,7 +79,7 @@ def load_checkpoint(path: str, *, model: str):
   try:
     loaded = keras.saving.load_model(path, compile=False)
   except Exception as e:  # noqa: BLE001  any failure to read the file is the user's to fix
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = first_line(e)
     raise InputPathError(f"cannot load checkpoint {path} as a Keras 3 .keras file "
                          f"({reason[:200]})") from None
   found = identify(loaded)

@@ -5,7 +5,11 @@ and FFN are its instantiations), `MobileMQA` (multi-query attention with optiona
 downsampling), plus `LayerScale`. Every layer returns its init args from `get_config()`, so a
 model saves to `.keras` and loads on the TensorFlow and JAX backends alike.
 
-Conventions shared by all blocks (see ../../../shared/reference/MNV4_ARCHITECTURE.md):
+`BLOCK_LAYERS` (at the end) is the one table from a block record of `specs.py` to the layer that
+builds it: `block_layer(record, ...)` builds one, and `block_spec_of(layer)` gives a block
+layer's record back (its kind and kernels identify a checkpoint's variant).
+
+Conventions shared by all blocks (README.md, "Choices where the paper is silent"):
 convolutions have no bias and are followed by BatchNorm; `padding="same"` is TensorFlow SAME
 (the Model Garden's convention, extra pixel bottom/right for stride 2), `padding="symmetric"`
 pads k//2 on every side (timm's convention, for imported PyTorch weights).
@@ -18,6 +22,7 @@ import math
 import keras
 from keras import ops
 
+from mnv4_train.models import specs as S
 from mnv4_train.models.specs import make_divisible
 
 PADDINGS = ("same", "symmetric")
@@ -116,6 +121,28 @@ class _Block(keras.layers.Layer):
       x = layer(x, training=training)
     return x
 
+  def _set_residual(self, use_residual: bool):
+    """Whether the block adds its input back; stochastic depth drops the branch if it does."""
+    self.use_residual = use_residual
+    self.drop_path = _drop_path(self.drop_path_rate, "drop_path") if use_residual else None
+
+  def _residual_tail(self, shortcut, y, training=None):
+    """shortcut + drop_path(y) for a residual block, else y."""
+    if not self.use_residual:
+      return y
+    if self.drop_path is not None:
+      y = self.drop_path(y, training=training)
+    return shortcut + y
+
+  @classmethod
+  def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+    """The layer of a `specs.py` block record, with `filters` output channels."""
+    raise NotImplementedError
+
+  def block_spec(self):
+    """The `specs.py` block record this layer builds (the inverse of `from_spec`)."""
+    raise NotImplementedError
+
   def get_config(self):
     config = super().get_config()
     config.update(activation=self.activation, padding=self.padding,
@@ -172,6 +199,14 @@ class ConvBNAct(_Block):
   def compute_output_shape(self, input_shape):
     return _conv_output_shape(input_shape, self.filters, self.strides)
 
+  @classmethod
+  def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+    del layer_scale, drop_path_rate  # no residual branch
+    return cls(filters, block.kernel, block.stride, name=name, **common)
+
+  def block_spec(self):
+    return S.ConvBN(kernel=self.kernel_size, stride=self.strides, filters=self.filters)
+
   def get_config(self):
     return {**super().get_config(), "filters": self.filters,
             "kernel_size": self.kernel_size, "strides": self.strides}
@@ -193,7 +228,6 @@ class FusedIB(_Block):
   def build(self, input_shape):
     in_filters = input_shape[-1]
     mid = make_divisible(in_filters * self.expand_ratio)
-    self.use_residual = self.strides == 1 and in_filters == self.filters
     self.ops_ = [
         *_spatial_conv(mid, self.kernel_size, self.strides, self.padding, "expand"),
         self._bn("expand_bn"), self._act("expand_act"),
@@ -202,18 +236,23 @@ class FusedIB(_Block):
         self._bn("project_bn"),
     ]
     self._build_chain(self.ops_, input_shape)
-    self.drop_path = _drop_path(self.drop_path_rate, "drop_path") if self.use_residual else None
+    self._set_residual(self.strides == 1 and in_filters == self.filters)
 
   def call(self, x, training=None):
-    y = self._run(self.ops_, x, training)
-    if not self.use_residual:
-      return y
-    if self.drop_path is not None:
-      y = self.drop_path(y, training=training)
-    return x + y
+    return self._residual_tail(x, self._run(self.ops_, x, training), training)
 
   def compute_output_shape(self, input_shape):
     return _conv_output_shape(input_shape, self.filters, self.strides)
+
+  @classmethod
+  def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+    del layer_scale  # fused blocks have no layer scale
+    return cls(filters, block.expand_ratio, kernel_size=block.kernel, strides=block.stride,
+               drop_path_rate=drop_path_rate, name=name, **common)
+
+  def block_spec(self):
+    return S.FusedIB(kernel=self.kernel_size, stride=self.strides, filters=self.filters,
+                     expand_ratio=self.expand_ratio)
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters, "expand_ratio": self.expand_ratio,
@@ -249,7 +288,6 @@ class UniversalInvertedBottleneck(_Block):
     mid = make_divisible(in_filters * self.expand_ratio)
     middle_stride = self.strides if self.middle_dw_kernel_size else 1
     start_stride = 1 if self.middle_dw_kernel_size else self.strides
-    self.use_residual = self.strides == 1 and in_filters == self.filters
     ops_ = []
     if self.start_dw_kernel_size:
       ops_ += [*_spatial_conv(None, self.start_dw_kernel_size, start_stride, self.padding,
@@ -269,18 +307,25 @@ class UniversalInvertedBottleneck(_Block):
       ops_.append(LayerScale(self.layer_scale_init_value, name="layer_scale"))
     self.ops_ = ops_
     self._build_chain(ops_, input_shape)
-    self.drop_path = _drop_path(self.drop_path_rate, "drop_path") if self.use_residual else None
+    self._set_residual(self.strides == 1 and in_filters == self.filters)
 
   def call(self, x, training=None):
-    y = self._run(self.ops_, x, training)
-    if not self.use_residual:
-      return y
-    if self.drop_path is not None:
-      y = self.drop_path(y, training=training)
-    return x + y
+    return self._residual_tail(x, self._run(self.ops_, x, training), training)
 
   def compute_output_shape(self, input_shape):
     return _conv_output_shape(input_shape, self.filters, self.strides)
+
+  @classmethod
+  def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+    return cls(filters, block.expand_ratio, start_dw_kernel_size=block.start_dw_kernel,
+               middle_dw_kernel_size=block.middle_dw_kernel, strides=block.stride,
+               layer_scale_init_value=layer_scale, drop_path_rate=drop_path_rate, name=name,
+               **common)
+
+  def block_spec(self):
+    return S.UIB(start_dw_kernel=self.start_dw_kernel_size,
+                 middle_dw_kernel=self.middle_dw_kernel_size, stride=self.strides,
+                 filters=self.filters, expand_ratio=self.expand_ratio)
 
   def get_config(self):
     return {**super().get_config(), "filters": self.filters, "expand_ratio": self.expand_ratio,
@@ -310,6 +355,7 @@ class MobileMQA(_Block):
     self.dw_kernel_size = dw_kernel_size
     self.layer_scale_init_value = layer_scale_init_value
     self.drop_path_rate = drop_path_rate
+    self.channels = None  # input (= output) channels, known once built
 
   def _kv_branch(self, prefix, out_dim):
     ops_ = []
@@ -327,7 +373,7 @@ class MobileMQA(_Block):
                                kernel_initializer=keras.initializers.GlorotUniform(), name=name)
 
   def build(self, input_shape):
-    channels = input_shape[-1]
+    channels = self.channels = input_shape[-1]
     self.norm = self._bn("norm")
     self.norm.build(input_shape)
     self.query = [self._proj(self.num_heads * self.key_dim, "query_proj")]
@@ -341,7 +387,7 @@ class MobileMQA(_Block):
     if self.layer_scale_init_value is not None:
       self.layer_scale = LayerScale(self.layer_scale_init_value, name="layer_scale")
       self.layer_scale.build(input_shape)
-    self.drop_path = _drop_path(self.drop_path_rate, "drop_path")
+    self._set_residual(True)
 
   def call(self, x, training=None):
     shortcut = x
@@ -359,12 +405,21 @@ class MobileMQA(_Block):
     o = self.output_proj(o)
     if self.layer_scale is not None:
       o = self.layer_scale(o)
-    if self.drop_path is not None:
-      o = self.drop_path(o, training=training)
-    return shortcut + o
+    return self._residual_tail(shortcut, o, training)
 
   def compute_output_shape(self, input_shape):
     return tuple(input_shape)
+
+  @classmethod
+  def from_spec(cls, block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+    del filters  # attention keeps its input width
+    return cls(block.num_heads, block.key_dim, block.value_dim, kv_strides=block.kv_stride,
+               dw_kernel_size=block.dw_kernel, layer_scale_init_value=layer_scale,
+               drop_path_rate=drop_path_rate, name=name, **common)
+
+  def block_spec(self):
+    return S.MQA(num_heads=self.num_heads, key_dim=self.key_dim, kv_stride=self.kv_strides,
+                 filters=self.channels, dw_kernel=self.dw_kernel_size)
 
   def get_config(self):
     return {**super().get_config(), "num_heads": self.num_heads, "key_dim": self.key_dim,
@@ -379,3 +434,31 @@ def _conv_output_shape(input_shape, filters, strides):
   b, h, w, _ = input_shape
   out = lambda d: None if d is None else -(-d // strides)
   return (b, out(h), out(w), filters)
+
+
+# ---- the block table: the one place that knows which layer builds which kind of block ---------
+
+BLOCK_LAYERS: dict[type, type[_Block]] = {
+    S.ConvBN: ConvBNAct,
+    S.FusedIB: FusedIB,
+    S.UIB: UniversalInvertedBottleneck,
+    S.MQA: MobileMQA,
+}
+
+
+def block_layer(block, *, filters, name, layer_scale=None, drop_path_rate=0.0, **common):
+  """The layer of a block record (`specs.py`): `filters` output channels (ignored by attention),
+  `layer_scale` init value or None, stochastic depth `drop_path_rate`, `common` the BN, padding
+  and activation settings."""
+  layer_class = BLOCK_LAYERS.get(type(block))
+  if layer_class is None:
+    raise TypeError(f"unknown block record {block!r}")
+  return layer_class.from_spec(block, filters=filters, name=name, layer_scale=layer_scale,
+                               drop_path_rate=drop_path_rate, **common)
+
+
+def block_spec_of(layer):
+  """The block record a block layer builds, or None for any other layer."""
+  if not isinstance(layer, tuple(BLOCK_LAYERS.values())):
+    return None
+  return layer.block_spec()

@@ -21,6 +21,7 @@ import math
 import keras
 
 from mnv4_train.models import layers as L
+from mnv4_train.models import specs as S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,7 @@ def _mqa_costs(block: L.MobileMQA, shape, prefix, stage):
 
 
 def _layer_costs(layer, shape, prefix, stage):
-  if isinstance(layer, L.MobileMQA):
+  if isinstance(L.block_spec_of(layer), S.MQA):
     return _mqa_costs(layer, shape, prefix, stage)
   if hasattr(layer, "ops_"):
     return _chain_costs(layer.ops_, shape, prefix, stage)[0]

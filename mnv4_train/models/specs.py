@@ -40,6 +40,11 @@ class ConvBN:
   def kind(self) -> str:
     return "ConvBN"
 
+  @property
+  def signature(self) -> tuple:
+    """What identifies the block in a variant's layout, at any width (`checkpoint.py`)."""
+    return ("ConvBN", self.kernel)
+
 
 @dataclasses.dataclass(frozen=True)
 class FusedIB:
@@ -55,6 +60,10 @@ class FusedIB:
   @property
   def kind(self) -> str:
     return "FusedIB"
+
+  @property
+  def signature(self) -> tuple:
+    return ("FusedIB", self.kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +98,10 @@ class UIB:
   def middle_dw_downsample(self) -> bool:
     return bool(self.middle_dw_kernel)
 
+  @property
+  def signature(self) -> tuple:
+    return ("UIB", self.start_dw_kernel, self.middle_dw_kernel)
+
 
 @dataclasses.dataclass(frozen=True)
 class MQA:
@@ -114,6 +127,10 @@ class MQA:
   @property
   def kind(self) -> str:
     return "MQA"
+
+  @property
+  def signature(self) -> tuple:
+    return ("MQA", self.num_heads, self.key_dim, self.kv_stride > 1)
 
 
 Block = Union[ConvBN, FusedIB, UIB, MQA]
