@@ -17,6 +17,7 @@ same inputs give byte-identical shards on any runner. Files that are not decodab
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import math
@@ -350,14 +351,23 @@ def source_size(args) -> int | None:
   if args.images:
     return n + len(tf.io.gfile.glob(os.path.join(args.images.rstrip("/"), "*", "*")))
   if args.fashion_mnist:
-    return n + FASHION_MNIST_SIZES[args.fashion_mnist]
+    paths = fashion_mnist.locate(args.fashion_mnist, args.fashion_mnist_dir)
+    count = _idx_count(paths[0]) if paths else None
+    return None if count is None else n + count
   if args.tfds or args.tfds_dir:
     splits = _tfds_builder(args).info.splits
     return n + splits[args.split].num_examples if args.split in splits else None
   return None
 
 
-FASHION_MNIST_SIZES = {"train": 60_000, "test": 10_000}
+def _idx_count(path: str) -> int | None:
+  """The first dimension an IDX file's header gives (its number of images)."""
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      head = f.read(8)
+  except (OSError, EOFError):
+    return None  # read_source reports it
+  return int.from_bytes(head[4:8], "big") if len(head) == 8 else None
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
