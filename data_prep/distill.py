@@ -33,7 +33,7 @@ import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats, records
 from mnv4_train.errors import ArgumentParser, ConfigError
 from mnv4_train.models import checkpoint
@@ -69,6 +69,7 @@ def parse_args(argv):
   parser.add_argument("--no_flip", action="store_true",
                       help="no horizontal flips (e.g. for glyphs such as digits)")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   recipe = augment.RECIPES[args.recipe]
   if args.crop_area_min is not None and not 0.0 < args.crop_area_min <= 1.0:
@@ -219,6 +220,11 @@ class MakeRecords(beam.DoFn):
       yield out_file, (sort_key, record)
 
 
+def _batch_size(element):
+  """Images in a teacher batch ((out_file, keys), inference result)."""
+  return len(element[0][1])
+
+
 # ---- D3 selection join ------------------------------------------------------------------------
 
 def _selection_by_shard(line):
@@ -287,6 +293,7 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
                                                    len(shards))))
   made = (batches
           | "Teacher" >> RunInference(transforms.teacher_handler(args.teacher))
+          | "Progress" >> console.ReportProgress(_batch_size)
           | "MakeRecords" >> beam.ParDo(MakeRecords(args.recipe, args.teacher_outputs,
                                                     args.top_k, classes)).with_outputs(
                                                         transforms.DEAD_LETTER, main="records"))
@@ -309,10 +316,12 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
 def run(argv=None, pipeline=None) -> dict:
   """Runs the distillation-dataset job; returns its manifest as written (JSON)."""
   args, beam_args = parse_args(argv)
-  source, resolution, classes, _ = check_inputs(args)
+  source, resolution, classes, selection = check_inputs(args)
   logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
                args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
                classes, args.out)
+  per_replica = selection.num_selected_total if selection else source.num_examples
+  console.expect(args.replicas * per_replica, "records")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),

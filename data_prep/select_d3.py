@@ -29,7 +29,7 @@ import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats
 from mnv4_train.errors import ArgumentParser
 from mnv4_train.models import checkpoint
@@ -54,6 +54,7 @@ def parse_args(argv):
                       choices=["logits", "probabilities"])
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   if not 0.0 <= args.threshold < 1.0:
     parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
@@ -92,9 +93,10 @@ class ScoreInputs(beam.DoFn):
     self.batch_size = batch_size
 
   def setup(self):
+    # One trace: a bytes argument would be a Python constant, traced again for every image.
     self._prepare = tf.function(
         lambda data: augment.center_crop(augment.decode(data), self.resolution),
-        reduce_retracing=True)
+        input_signature=[tf.TensorSpec([], tf.string)])
 
   def process(self, task):
     shard, path = task
@@ -108,6 +110,11 @@ class ScoreInputs(beam.DoFn):
         keys, batch = [], []
     if batch:
       yield keys, tf.stack(batch)
+
+
+def _batch_size(element):
+  """Images in a classifier batch (keys, inference result)."""
+  return len(element[0])
 
 
 class TopClass(beam.DoFn):
@@ -201,6 +208,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
             | "Prepare" >> beam.ParDo(ScoreInputs(resolution, args.classifier_input,
                                                   args.batch_size))
             | "Classifier" >> RunInference(transforms.teacher_handler(args.classifier))
+            | "Progress" >> console.ReportProgress(_batch_size)
             | "TopClass" >> beam.ParDo(TopClass(args.threshold, args.classifier_outputs)))
   by_class = scored | "GroupByClass" >> beam.GroupByKey()
   _ = (by_class
@@ -227,6 +235,7 @@ def run(argv=None, pipeline=None) -> dict:
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
                corpus.num_examples, args.threshold, args.per_class, num_classes, args.out)
+  console.expect(corpus.num_examples, "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or beam.Pipeline(options=PipelineOptions(beam_args)),

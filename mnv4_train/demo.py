@@ -95,7 +95,10 @@ def parse_args(argv):
                       "224 px photos; a small crop of a 32 px digit is noise)")
   parser.add_argument("--flip", choices=["auto", "yes", "no"], default="auto",
                       help="horizontal flips in D1/D2 (auto: not for digits, yes for --images)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="every stage prints everything its libraries log")
   args = parser.parse_args(argv)
+  _VERBOSE[:] = ["--verbose"] if args.verbose else []
   if args.images is not None and not os.path.isdir(args.images):
     parser.error(f"--images {args.images} is not a folder of class_name/ subfolders")
   if args.images is not None:
@@ -154,9 +157,14 @@ def _stage_times(workspace):
     return json.load(f)
 
 
+_VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
+_BEAM_JOBS = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill")
+
+
 def _run(stage, argv, workspace=None, key=None):
   """Runs one stage's command with this interpreter; its output streams to the console."""
-  cmd = [sys.executable, "-m"] + argv
+  # TODO(i10): pass --verbose to mnv4_train.main as well once it takes the flag.
+  cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _BEAM_JOBS else [])
   _log(f"{stage}: " + " ".join(cmd[2:]))
   start = time.time()
   proc = subprocess.run(cmd, check=False)
