@@ -39,6 +39,8 @@ import time
 
 import apache_beam as beam
 
+from mnv4_train.errors import first_line
+
 PROGRESS_LOGGER = "data_prep.progress"
 PROGRESS_TAG = "mnv4-progress"
 WORKER_LOGS = "apache_beam.runners.portability.local_job_service"  # where worker logs arrive
@@ -334,7 +336,7 @@ class _Handler(logging.Handler):
         return
       if level >= logging.ERROR:
         console.worker_errors += 1  # its traceback comes with the pipeline's exception
-        message = (message.strip().splitlines() or [""])[0]
+        message = first_line(message)
       console.line(f"{logging.getLevelName(level).lower()}: worker: {message}", True)
       return
     if console.verbose:

@@ -95,7 +95,7 @@ def webp_to_png(data: bytes) -> bytes:
 
 def _pil_error_text(error: Exception) -> str:
   """Pillow's message without object addresses (dead letters are the same run to run)."""
-  text = (str(error) or type(error).__name__).splitlines()[0]
+  text = first_line(error)
   return re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", text).strip()
 
 

@@ -158,13 +158,14 @@ def _stage_times(workspace):
 
 
 _VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
-_BEAM_JOBS = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill")
+# The stages that take --verbose: the Beam jobs (data_prep/console.py) and the trainer.
+_VERBOSE_STAGES = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill",
+                   "mnv4_train.main")
 
 
 def _run(stage, argv, workspace=None, key=None):
   """Runs one stage's command with this interpreter; its output streams to the console."""
-  # TODO(i10): pass --verbose to mnv4_train.main as well once it takes the flag.
-  cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _BEAM_JOBS else [])
+  cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _VERBOSE_STAGES else [])
   _log(f"{stage}: " + " ".join(cmd[2:]))
   start = time.time()
   proc = subprocess.run(cmd, check=False)
