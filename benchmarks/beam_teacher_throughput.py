@@ -28,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 from data_prep import distill, files, ingest, transforms  # noqa: E402
 from mnv4_train import models  # noqa: E402
 from mnv4_train.data import augment, formats, records  # noqa: E402
+from mnv4_train.models import checkpoint  # noqa: E402
 from data_prep.digits import write_digits_folder  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
   """The teacher's forward function, and per (shard, replica) the examples and a tf.data
   stream of augmented (pixels, params) batches built with the job's own augmentation map."""
   manifest = formats.SourceShards.read(source, "source")
-  teacher = transforms.load_teacher(teacher_path)
+  teacher = checkpoint.load_model(teacher_path, what="teacher")
   forward = tf.function(lambda x: teacher(x, training=False))
   task = distill.AugmentTask(augment.RECIPES["d1"], resolution, "minus_one_to_one", batch_size,
                              len(manifest.shards))

@@ -32,9 +32,10 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
+from mnv4_train.errors import ArgumentParser, ConfigError
+from mnv4_train.models import checkpoint
 
 
 def parse_args(argv):
@@ -67,6 +68,7 @@ def parse_args(argv):
   parser.add_argument("--no_flip", action="store_true",
                       help="no horizontal flips (e.g. for glyphs such as digits)")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   recipe = augment.RECIPES[args.recipe]
   if args.crop_area_min is not None and not 0.0 < args.crop_area_min <= 1.0:
@@ -217,6 +219,11 @@ class MakeRecords(beam.DoFn):
       yield out_file, (sort_key, record)
 
 
+def _batch_size(element):
+  """Images in a teacher batch ((out_file, keys), inference result)."""
+  return len(element[0][1])
+
+
 # ---- D3 selection join ------------------------------------------------------------------------
 
 def _selection_by_shard(line):
@@ -244,13 +251,7 @@ def _write_manifest(stats, folder, dead, info):
 def check_inputs(args):
   """Loads the manifests and the teacher; one clear error for each mismatch."""
   source = formats.SourceShards.read(args.source, "--source")
-  if not tf.io.gfile.exists(args.teacher):
-    raise InputPathError(f"--teacher {args.teacher} does not exist")
-  try:
-    teacher = transforms.load_teacher(args.teacher)
-  except Exception as e:  # any load failure is the user's file, not our bug
-    raise InputPathError(f"--teacher {args.teacher} cannot be loaded as a .keras model or "
-                         f"SavedModel: {first_line(e)[:200]}") from None
+  teacher = checkpoint.load_model(args.teacher, what="--teacher")
   resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
   classes = transforms.teacher_output_classes(teacher, resolution)
   if source.num_classes and classes != source.num_classes:
@@ -291,6 +292,7 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
                                                    len(shards))))
   made = (batches
           | "Teacher" >> RunInference(transforms.teacher_handler(args.teacher))
+          | "Progress" >> console.ReportProgress(_batch_size)
           | "MakeRecords" >> beam.ParDo(MakeRecords(args.recipe, args.teacher_outputs,
                                                     args.top_k, classes)).with_outputs(
                                                         transforms.DEAD_LETTER, main="records"))
@@ -313,10 +315,12 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
 def run(argv=None, pipeline=None) -> dict:
   """Runs the distillation-dataset job; returns its manifest as written (JSON)."""
   args, beam_args = parse_args(argv)
-  source, resolution, classes, _ = check_inputs(args)
+  source, resolution, classes, selection = check_inputs(args)
   logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
                args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
                classes, args.out)
+  per_replica = selection.num_selected_total if selection else source.num_examples
+  console.expect(args.replicas * per_replica, "records")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),

@@ -8,11 +8,11 @@ is not. Paths go through `tf.io.gfile`, so local folders and `gs://` buckets wor
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import tensorflow as tf
 
+from data_prep import console
 from mnv4_train.data import formats
 from mnv4_train.errors import InputPathError, UserError, exit_on_user_error
 
@@ -71,7 +71,7 @@ def run_staged(*, out: str, overwrite: bool, pipeline, build, manifest: type[for
   """
   tmp = staging_dir(out, overwrite)
   try:
-    with pipeline:
+    with console.running(pipeline), pipeline:
       build(pipeline, tmp)
   except BaseException:
     tf.io.gfile.rmtree(tmp)
@@ -81,8 +81,9 @@ def run_staged(*, out: str, overwrite: bool, pipeline, build, manifest: type[for
 
 
 def job_main(prog: str, run, argv) -> None:
-  """A job's command line: INFO logging, and user mistakes as one line with exit status 2."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  """A job's command line: a console for people (`console.py`; everything with --verbose), and
+  user mistakes as one line with exit status 2."""
+  console.start(prog, verbose="--verbose" in argv)
   with exit_on_user_error(prog):
     run(argv)
 

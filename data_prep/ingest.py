@@ -1,6 +1,6 @@
 """Ingest: an ImageNet-style source -> sharded source TFRecords + manifest.json (data flow step 1).
 
-    python -m data_prep.ingest --images=DIR --out=DIR                      # class_name/*.jpg|png
+    python -m data_prep.ingest --images=DIR --out=DIR                 # class_name/*.jpg|png|webp
     python -m data_prep.ingest --tfds=imagenet2012 --tfds_data_dir=D --tfds_manual_dir=M --out=DIR
     python -m data_prep.ingest --tfds_dir=PREPARED_DATASET_DIR --split=train --out=DIR
     python -m data_prep.ingest --tfrecords='gs://b/train-*' --out=DIR [--label_offset=-1]
@@ -9,14 +9,15 @@
         [--unlabeled_images=DIR]  (a labelled subset, or an unlabelled, imbalanced corpus)
     ... [--num_shards=N] [--overwrite] [standard Beam options: --runner, --direct_num_workers, ...]
 
-Each image is validated (decoded once) and stored once, as its original bytes, in a shard chosen
-by a stable hash of its id, sorted by id: the same inputs give byte-identical shards on any
-runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
+Each image is validated (decoded once) and stored once, as its original bytes (JPEG, PNG, GIF,
+BMP; WebP as a lossless PNG), in a shard chosen by a stable hash of its id, sorted by id: the
+same inputs give byte-identical shards on any runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
 `dead_letter.jsonl`. The manifest holds class names, counts per class, shards and counts.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import math
@@ -27,7 +28,7 @@ import apache_beam as beam
 import tensorflow as tf
 from apache_beam.io import fileio
 
-from data_prep import fashion_mnist, files, transforms
+from data_prep import console, fashion_mnist, files, transforms
 from mnv4_train.data import formats, records
 from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
 
@@ -86,6 +87,7 @@ def parse_args(argv):
                       help="also add every image file in DIR (and its subfolders), unlabelled, "
                       "e.g. out-of-distribution images a relevance filter should reject")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   args.hash_range = _parse_range(parser, args.hash_range)
   args.class_fraction = _parse_fractions(parser, args.class_fraction)
@@ -334,6 +336,39 @@ def read_source(p, args):
           {"kind": "tfrecords", "glob": args.tfrecords})
 
 
+def source_size(args) -> int | None:
+  """How many images the job validates (for the progress line); None when not known up front."""
+  if args.hash_range or args.class_fraction:
+    return None  # a selection of the source
+  n = 0
+  if args.unlabeled_images:
+    root = args.unlabeled_images.rstrip("/")
+    n += len([f for f in tf.io.gfile.glob(f"{root}/*") + tf.io.gfile.glob(f"{root}/*/*")
+              if not tf.io.gfile.isdir(f)])
+  if args.unlabeled_only:
+    return n
+  if args.images:
+    return n + len(tf.io.gfile.glob(os.path.join(args.images.rstrip("/"), "*", "*")))
+  if args.fashion_mnist:
+    paths = fashion_mnist.locate(args.fashion_mnist, args.fashion_mnist_dir)
+    count = _idx_count(paths[0]) if paths else None
+    return None if count is None else n + count
+  if args.tfds or args.tfds_dir:
+    splits = _tfds_builder(args).info.splits
+    return n + splits[args.split].num_examples if args.split in splits else None
+  return None
+
+
+def _idx_count(path: str) -> int | None:
+  """The first dimension an IDX file's header gives (its number of images)."""
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      head = f.read(8)
+  except (OSError, EOFError):
+    return None  # read_source reports it
+  return int.from_bytes(head[4:8], "big") if len(head) == 8 else None
+
+
 # ---- the pipeline -----------------------------------------------------------------------------
 
 def in_holdout(example_id: str, fraction: float) -> bool:
@@ -390,7 +425,7 @@ class _AssignShard(beam.DoFn):
   def process(self, ex, num_shards):
     shard = transforms.stable_hash(ex["id"]) % num_shards
     record = records.source_example(ex["id"], ex["encoded"], ex["label"], ex["height"],
-                                    ex["width"], ex["format"])
+                                    ex["width"], ex["format"], ex["original_format"])
     yield files.shard_name("shard", shard, num_shards), (ex["id"], record)
 
 
@@ -432,8 +467,10 @@ def build_pipeline(p, args, tmp):
   if args.unlabeled_images:
     examples = ((examples, read_unlabeled(p, args.unlabeled_images))
                 | "WithUnlabeled" >> beam.Flatten())
-  checked = examples | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
-      transforms.DEAD_LETTER, main="images")
+  checked = (examples
+             | "Progress" >> console.ReportProgress()
+             | "Validate" >> beam.ParDo(transforms.ValidateImage()).with_outputs(
+                 transforms.DEAD_LETTER, main="images"))
   images = checked.images | "KeepSubset" >> beam.ParDo(
       _KeepSubset(args.holdout_fraction, args.subset))
   dead = ((checked[transforms.DEAD_LETTER], early_dead) | "AllDeadLetters" >> beam.Flatten())
@@ -477,6 +514,7 @@ def run(argv=None, pipeline=None) -> dict:
   """Runs the ingest job; returns the manifest as written (JSON). `pipeline`: a TestPipeline."""
   args, beam_args = parse_args(argv)
   logging.info("ingest: writing %s", args.out)
+  console.expect(source_size(args), "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),

@@ -28,9 +28,10 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference.base import RunInference
 
-from data_prep import files, transforms
+from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats
-from mnv4_train.errors import ArgumentParser, InputPathError, first_line
+from mnv4_train.errors import ArgumentParser
+from mnv4_train.models import checkpoint
 
 CLASSES_PER_FILE = 64
 
@@ -52,6 +53,7 @@ def parse_args(argv):
                       choices=["logits", "probabilities"])
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
   if not 0.0 <= args.threshold < 1.0:
     parser.error(f"--threshold must be in [0, 1), got {args.threshold}")
@@ -107,6 +109,11 @@ class ScoreInputs(beam.DoFn):
         keys, batch = [], []
     if batch:
       yield keys, tf.stack(batch)
+
+
+def _batch_size(element):
+  """Images in a classifier batch (keys, inference result)."""
+  return len(element[0])
 
 
 class TopClass(beam.DoFn):
@@ -200,6 +207,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
             | "Prepare" >> beam.ParDo(ScoreInputs(resolution, args.classifier_input,
                                                   args.batch_size))
             | "Classifier" >> RunInference(transforms.teacher_handler(args.classifier))
+            | "Progress" >> console.ReportProgress(_batch_size)
             | "TopClass" >> beam.ParDo(TopClass(args.threshold, args.classifier_outputs)))
   by_class = scored | "GroupByClass" >> beam.GroupByKey()
   _ = (by_class
@@ -221,17 +229,12 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
   corpus = formats.SourceShards.read(args.corpus, "--corpus")
-  if not tf.io.gfile.exists(args.classifier):
-    raise InputPathError(f"--classifier {args.classifier} does not exist")
-  try:
-    classifier = transforms.load_teacher(args.classifier)
-  except Exception as e:  # the user's file
-    raise InputPathError(f"--classifier {args.classifier} cannot be loaded: "
-                         f"{first_line(e)[:200]}") from None
+  classifier = checkpoint.load_model(args.classifier, what="--classifier")
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",
                corpus.num_examples, args.threshold, args.per_class, num_classes, args.out)
+  console.expect(corpus.num_examples, "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),

@@ -8,18 +8,22 @@ with their positions, and teacher inference through Beam's `RunInference`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import re
 
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference import tensorflow_inference as tf_inference
+from PIL import Image
 
 from data_prep import files
 from mnv4_train.data import records
 from mnv4_train.errors import first_line
+from mnv4_train.models import checkpoint
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "mnv4"
@@ -36,21 +40,33 @@ def stable_hash(text: str) -> int:
 class ValidateImage(beam.DoFn):
   """Keeps examples whose bytes decode as an image; routes the rest to `dead_letter`.
 
-  In: dict(id, encoded, label, ...). Out: the same dict with height, width and format set.
-  Dead letters are dict(id, error).
+  In: dict(id, encoded, label, ...). Out: the same dict with height, width, format and
+  original_format set. Dead letters are dict(id, error).
+
+  JPEG, PNG, GIF and BMP bytes are kept as they are. WebP is read with Pillow and stored as a
+  lossless PNG of the same pixels (the first frame of an animation, as for GIF), with
+  original_format `webp`: TensorFlow's WebP decoder takes only some files (not RGBA with
+  channels=3) and aborts the process on animated ones, so no WebP bytes reach it here or in the
+  trainer.
   """
 
   def __init__(self):
     self.good = beam.metrics.Metrics.counter(NAMESPACE, "images_ok")
     self.bad = beam.metrics.Metrics.counter(NAMESPACE, "images_corrupt")
+    self.converted = beam.metrics.Metrics.counter(NAMESPACE, "images_webp_to_png")
 
   def process(self, example):
-    fmt = records.image_format(example["encoded"])
-    error = None if fmt else "not a JPEG, PNG, GIF or BMP file"
-    if fmt:
+    data = example["encoded"]
+    fmt = original = records.image_format(data)
+    error = None if fmt else "not a JPEG, PNG, GIF, BMP or WebP file"
+    if fmt == "webp":
       try:
-        shape = tf.io.decode_image(example["encoded"], channels=3,
-                                   expand_animations=False).shape
+        data, fmt = webp_to_png(data), "png"
+      except Exception as e:  # Pillow raises several types for a bad file; all are the file's
+        error = f"cannot decode WebP: {_pil_error_text(e)}"
+    if not error:
+      try:
+        shape = tf.io.decode_image(data, channels=3, expand_animations=False).shape
         if shape[0] == 0 or shape[1] == 0:
           error = "empty image"
       except tf.errors.OpError as e:
@@ -60,7 +76,27 @@ class ValidateImage(beam.DoFn):
       yield beam.pvalue.TaggedOutput(DEAD_LETTER, {"id": example["id"], "error": error})
       return
     self.good.inc()
-    yield {**example, "height": int(shape[0]), "width": int(shape[1]), "format": fmt}
+    if original != fmt:
+      self.converted.inc()
+    yield {**example, "encoded": data, "height": int(shape[0]), "width": int(shape[1]),
+           "format": fmt, "original_format": original}
+
+
+def webp_to_png(data: bytes) -> bytes:
+  """WebP bytes -> a PNG of the same pixels (lossless; the first frame of an animation)."""
+  with Image.open(io.BytesIO(data), formats=["WEBP"]) as image:
+    image.load()
+    if image.mode not in ("RGB", "RGBA", "L", "LA"):
+      image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+  return out.getvalue()
+
+
+def _pil_error_text(error: Exception) -> str:
+  """Pillow's message without object addresses (dead letters are the same run to run)."""
+  text = first_line(error)
+  return re.sub(r" ?<[^>]* at 0x[0-9a-fA-F]+>", "", text).strip()
 
 
 def _op_error_text(error: tf.errors.OpError) -> str:
@@ -177,13 +213,13 @@ def _forward_fn(model):
 class TeacherHandler(tf_inference.TFModelHandlerTensor):
   """RunInference handler for a teacher: a `.keras` file or a TensorFlow SavedModel folder.
 
-  Loads through `load_teacher`, so the MNv4 layers are registered in every worker process
-  (Beam's own loader calls keras without them), and SavedModels, which Keras 3 no longer
-  loads, go through `tf.saved_model.load`.
+  Loads through the project's one loader (`mnv4_train.models.checkpoint.load_model`), so the
+  MNv4 layers are registered in every worker process (Beam's own loader calls keras without
+  them), and SavedModels, which Keras 3 no longer loads, go through `tf.saved_model.load`.
   """
 
   def load_model(self):
-    return load_teacher(self._model_uri)
+    return checkpoint.load_model(self._model_uri, what="teacher")
 
 
 def teacher_handler(path: str):
@@ -191,15 +227,6 @@ def teacher_handler(path: str):
   handler = TeacherHandler(model_uri=path, inference_fn=batched_inference_fn,
                            min_batch_size=1, max_batch_size=1)
   return inference_base.KeyedModelHandler(handler)
-
-
-def load_teacher(path: str):
-  """A `.keras` model (with the MNv4 layers registered) or a SavedModel."""
-  if tf.io.gfile.isdir(path):
-    return tf.saved_model.load(path)
-  import keras
-  import mnv4_train.models  # noqa: F401  (registers the MNv4 layers for loading)
-  return keras.saving.load_model(path, compile=False)
 
 
 def teacher_output_classes(model, resolution: int) -> int:

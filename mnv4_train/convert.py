@@ -104,7 +104,7 @@ def read_safetensors(path: str) -> dict:
     from safetensors.numpy import load_file
     tensors = load_file(path)
   except Exception as e:  # noqa: BLE001  a corrupt or foreign file is the user's to fix
-    reason = first_line(e)[:200]
+    reason = first_line(e, limit=200)
     raise InputPathError(f"cannot read {path} as a safetensors file ({reason})") from None
   return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
           for k, v in tensors.items()}

@@ -99,7 +99,10 @@ def parse_args(argv):
                       "fashion_mnist: 2)")
   parser.add_argument("--flip", choices=["auto", "yes", "no"], default="auto",
                       help="horizontal flips in D1/D2 (auto: not for digits, yes for --images)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="every stage prints everything its libraries log")
   args = parser.parse_args(argv)
+  _VERBOSE[:] = ["--verbose"] if args.verbose else []
   if args.images is not None and not os.path.isdir(args.images):
     parser.error(f"--images {args.images} is not a folder of class_name/ subfolders")
   if args.images is not None:
@@ -165,9 +168,15 @@ def _stage_times(workspace):
     return json.load(f)
 
 
+_VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
+# The stages that take --verbose: the Beam jobs (data_prep/console.py) and the trainer.
+_VERBOSE_STAGES = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill",
+                   "mnv4_train.main")
+
+
 def _run(stage, argv, workspace=None, key=None):
   """Runs one stage's command with this interpreter; its output streams to the console."""
-  cmd = [sys.executable, "-m"] + argv
+  cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _VERBOSE_STAGES else [])
   _log(f"{stage}: " + " ".join(cmd[2:]))
   start = time.time()
   proc = subprocess.run(cmd, check=False)
@@ -212,11 +221,10 @@ def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):
 
 def measure(keras_path, resolution, batch=64, rounds=5):
   """(parameters, MACs, images/s of inference on this CPU at `batch`)."""
-  import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from mnv4_train.models import profile  # pylint: disable=import-outside-toplevel
-  model = keras.saving.load_model(keras_path, compile=False)
+  from mnv4_train.models import checkpoint, profile  # pylint: disable=import-outside-toplevel
+  model = checkpoint.load_model(keras_path, what="model", saved_model=False)
   macs = sum(c.macs for c in profile.layer_costs(model, resolution))
   x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, resolution, resolution, 3)),
                   tf.float32)
@@ -402,11 +410,11 @@ def _distill_student(args, name, steps_binding):
 
 def evaluate(keras_path, shards, resolution, batch=256):
   """Top-1 of a `.keras` model on source shards (whole images resized, as training evaluates)."""
-  import keras  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mnv4_train import models  # pylint: disable=import-outside-toplevel,unused-import
   from mnv4_train.data import pipeline  # pylint: disable=import-outside-toplevel
-  model = keras.saving.load_model(keras_path, compile=False)
+  from mnv4_train.models import checkpoint  # pylint: disable=import-outside-toplevel
+  model = checkpoint.load_model(keras_path, what="model", saved_model=False)
   ds, _ = pipeline.eval_dataset(shards, resolution=resolution, batch_size=batch,
                                 crop_fraction=1.0)
   correct = total = 0

@@ -11,15 +11,17 @@ import contextlib
 import sys
 
 
-def first_line(text, default: str = "") -> str:
-  """The first non-empty line of `text` (an exception or a string), else `default`.
+def first_line(text, default: str = "", *, limit: int | None = None) -> str:
+  """The first non-blank line of `text` (an exception or a string), else `default`.
 
-  `str(e).splitlines()[0]` raises IndexError on an empty message; this never does.
+  With no `default`, an exception with an empty message gives its type name, so an error line
+  is never empty. `str(e).splitlines()[0]` raises IndexError on an empty message; this never
+  does. `limit` cuts the result to at most that many characters.
   """
-  for line in str(text).strip().splitlines():
-    if line.strip():
-      return line.strip()
-  return default or (type(text).__name__ if isinstance(text, BaseException) else "")
+  line = next((l.strip() for l in str(text).strip().splitlines() if l.strip()), "")
+  if not line:
+    line = default or (type(text).__name__ if isinstance(text, BaseException) else "")
+  return line[:limit] if limit else line
 
 
 class UserError(Exception):
@@ -45,8 +47,7 @@ def exit_on_user_error(prog: str):
     yield
   except UserError as e:
     # One line: gin appends the configurable's name on lines of its own.
-    message = first_line(e)
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {first_line(e)}", file=sys.stderr)
     sys.exit(2)
 
 

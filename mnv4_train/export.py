@@ -113,7 +113,7 @@ def load_images(source: str, *, resolution: int, count: int):
   try:
     batches = [b.numpy() for b in dataset]
   except tf.errors.OpError as e:
-    reason = first_line(e.message or "", type(e).__name__)[:200]
+    reason = first_line(e.message or "", type(e).__name__, limit=200)
     raise InputPathError(f"--representative {source}: cannot read an image ({reason}); records "
                          "need an 'image/encoded' bytes feature holding a JPEG or PNG") from None
   if not batches:

@@ -4,25 +4,44 @@ Gin files are found by name in `gin_configs/` (or given as paths); `--gin_bindin
 them, e.g. `--gin_bindings="train.distribution='tpu'"`. Everything a run needs is an argument of
 `mnv4_train.train.train`; the workdir is the only flag it takes from here (it is not a gin
 binding, so nothing binds it twice). A run in a workdir that holds checkpoints resumes.
+
+The console shows what a user wants by default: a start line (model, data, steps), a progress
+line per log interval (step/total, loss, examples/s, ETA), evaluations, warnings, errors and a
+final line. `--verbose` brings back the libraries' INFO logs (TensorFlow, absl).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
-from mnv4_train.errors import ConfigError, exit_on_user_error
+import mnv4_train
+from mnv4_train.errors import ConfigError, exit_on_user_error, first_line
 
 PROG = "mnv4_train.main"
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+
+
+def _gin_dir() -> str:
+  """The recipes' folder, the package `gin_configs`: found in a checkout and a wheel alike."""
+  try:
+    return str(importlib.resources.files("gin_configs"))
+  except ModuleNotFoundError:  # an editable install made before gin_configs was a package
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "gin_configs")
+
+
+GIN_DIR = _gin_dir()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin file: a name in gin_configs/ or a path")
 flags.DEFINE_multi_string("gin_bindings", [], "gin binding, e.g. \"train.train_steps=100\"")
 flags.DEFINE_string("workdir", None, "run folder (local or gs://); resumes if it holds a run")
+flags.DEFINE_bool("verbose", False, "also print the libraries' INFO logs (TensorFlow, absl)")
 
 
 def available_gin_files() -> list[str]:
@@ -55,21 +74,48 @@ def parse_gin(gin_files, bindings):
     try:
       gin.parse_config_file(path)
     except Exception as e:  # gin raises several types for a bad file
-      raise ConfigError(f"gin file {path}: {_first_line(e)}") from None
+      raise ConfigError(f"gin file {path}: {first_line(e)}") from None
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
-      raise ConfigError(f"bad gin binding {binding!r}: {_first_line(e)}; bindings look like "
+      raise ConfigError(f"bad gin binding {binding!r}: {first_line(e)}; bindings look like "
                         "\"train.train_steps=100\"") from None
   try:
     gin.finalize()
   except ValueError as e:  # a %gin.REQUIRED left unset
-    raise ConfigError(f"{_first_line(e)}; set it with --gin_bindings") from None
+    raise ConfigError(f"{first_line(e)}; set it with --gin_bindings") from None
 
 
-def _first_line(e):
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+class _GinProbeFilter(logging.Filter):
+  """Drops gin's file-lookup probes: its "Path not found" for an `include` is no error.
+
+  gin tries each search path in turn and logs an ERROR for every one that lacks the file (the
+  working directory comes first), then finds it in gin_configs/; a file found nowhere is a
+  ConfigError of its own.
+  """
+
+  def filter(self, record):
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+
+
+def configure_logging(verbose: bool) -> None:
+  """Plain console lines from the trainer; the libraries' INFO logs only when `verbose`."""
+  logging.getLogger().addFilter(_GinProbeFilter())
+  ours = logging.getLogger("mnv4_train")
+  ours.setLevel(logging.INFO)
+  if verbose:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger().setLevel(logging.INFO)
+    if mnv4_train.TF_LOG_LEVEL_DEFAULTED:  # TensorFlow is not loaded yet: its C++ INFO too
+      os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger().setLevel(logging.WARNING)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  ours.addHandler(handler)
+  ours.propagate = False
 
 
 def run(gin_files, bindings, workdir) -> dict:
@@ -83,7 +129,7 @@ def run(gin_files, bindings, workdir) -> dict:
     return train.train(workdir)
   except RuntimeError as e:
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
-      raise ConfigError(f"{_first_line(e)}; add them to the gin file or --gin_bindings") from None
+      raise ConfigError(f"{first_line(e)}; add them to the gin file or --gin_bindings") from None
     raise
 
 
@@ -91,7 +137,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"{PROG}: error: unexpected arguments {argv[1:]} (see --help)", file=sys.stderr)
     sys.exit(2)
-  logging.getLogger().setLevel(logging.INFO)
+  configure_logging(FLAGS.verbose)
   with exit_on_user_error(PROG):
     try:
       result = run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)

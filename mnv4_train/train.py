@@ -1,14 +1,12 @@
 """The training loop: a student learns from teacher logits (or labels) on one CPU or a pod.
 
 `train` is the one gin-configurable entry point (`mnv4_train.main` parses the gin files and
-calls it). Distribution is TensorFlow's: `cpu` (one device), `gpu` (MirroredStrategy), `multiworker`
-(MultiWorkerMirroredStrategy from TF_CONFIG) and `tpu` (TPUStrategy via the cluster resolver).
-Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy ("Attempt to convert a value
-(PerReplica...)"), so the loop is a `tf.function` that takes a host batch from the input
-iterator, hands each local replica its slice (`experimental_distribute_values_from_function`)
-and runs `Trainer.replica_step` with `strategy.run`; the Keras 3 optimizer all-reduces the
-gradients. Each host's tf.data iterator is a plain one, so it can be checkpointed: a resumed
-run continues at the same step with the same data position.
+calls it). It reads top-down: plan the run from the settings (`plan_run`), build the student,
+optimizer and input (`build`), restore the last checkpoint, run the loop (`run_loop`) and
+finish (final evaluation, export, metrics). The parts live in `mnv4_train.training`: the
+strategy, the compiled steps (`Trainer`), statistics as named sums, the cadence, the
+checkpointer (student + optimizer + each host's input iterator, so a resumed run continues at
+the same step with the same data) and the metric writer.
 
 Workdir layout:
   config.gin, operative_config.gin, run.json   the gin files as given, as used, and the run
@@ -23,298 +21,131 @@ Workdir layout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import subprocess
 import time
+from typing import Any
 
 import gin
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mnv4_train import models
 from mnv4_train.data import augment, pipeline
-from mnv4_train.distill import Distiller
 from mnv4_train.errors import ConfigError, InputPathError, UserError
+from mnv4_train.kd import Distiller
+from mnv4_train.models import checkpoint
+from mnv4_train.training import stats
+from mnv4_train.training.cadence import Cadence
+from mnv4_train.training.checkpointer import Checkpointer
+from mnv4_train.training.metric_writer import MetricWriter, plot_curves, read_jsonl, write_text
+from mnv4_train.training.strategy import DISTRIBUTIONS, host_info, make_strategy
+from mnv4_train.training.trainer import EMASwap, Trainer
 
-DISTRIBUTIONS = ("cpu", "gpu", "multiworker", "tpu")
+__all__ = ["train", "make_strategy", "host_info", "plot_curves", "read_jsonl", "Trainer",
+           "TrainingDiverged", "DISTRIBUTIONS", "TEACHERS"]
+
 TEACHERS = ("records", "online", "none")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
 
-# ---- set-up ----------------------------------------------------------------------------------
-
-def make_strategy(distribution: str, tpu: str = "local", cpu_replicas: int = 1):
-  """The tf.distribute strategy for `distribution`; one clear error when it cannot be had."""
-  if distribution not in DISTRIBUTIONS:
-    raise ConfigError(f"train.distribution must be one of {list(DISTRIBUTIONS)}, "
-                      f"not {distribution!r}")
-  if distribution == "cpu":
-    if cpu_replicas > 1:  # N logical CPUs: N replicas on one host, as N GPUs would be
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(
-          cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)
-      return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(cpu_replicas)])
-    return tf.distribute.OneDeviceStrategy("/cpu:0")
-  if distribution == "gpu":
-    if not tf.config.list_physical_devices("GPU"):
-      raise ConfigError("train.distribution='gpu' but TensorFlow sees no GPU; install "
-                        "tensorflow[and-cuda] or use train.distribution='cpu'")
-    return tf.distribute.MirroredStrategy()
-  if distribution == "multiworker":
-    if not os.environ.get("TF_CONFIG"):
-      raise ConfigError("train.distribution='multiworker' needs TF_CONFIG (cluster and task) in "
-                        "the environment of every worker; see launch/gpu_cluster.py")
-    return tf.distribute.MultiWorkerMirroredStrategy()
-  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-  tf.config.experimental_connect_to_cluster(resolver)
-  tf.tpu.experimental.initialize_tpu_system(resolver)
-  return tf.distribute.TPUStrategy(resolver)
-
-
-def host_info(strategy):
-  """(host index, number of hosts, local replicas) of this process."""
-  local = len(strategy.extended.worker_devices)
-  hosts = max(1, strategy.num_replicas_in_sync // local)
-  resolver = getattr(strategy, "cluster_resolver", None)
-  host = int(getattr(resolver, "task_id", 0) or 0) if hosts > 1 else 0
-  return host, hosts, local
-
-
-def _check_workdir(workdir: str):
-  try:
-    tf.io.gfile.makedirs(workdir)
-    # One probe per process: workers of one run share the workdir.
-    probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{time.time_ns()}")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("ok")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise InputPathError(f"--workdir {workdir} is not writable ({type(e).__name__}); choose a "
-                         "folder you can write to") from None
-
-
-def _git_revision():
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The arguments of `train`, as given (see its docstring); one field per argument."""
+  workdir: str
+  model: str
+  datasets: dict
+  weights: dict | None
+  weight_schedule: list | None
+  eval_data: str | None
+  data_root: str | None
+  model_options: dict | None
+  num_classes: int | None
+  resolution: int | None
+  teacher: str
+  teacher_model: str | None
+  temperature: float
+  distill_weight: float
+  label_weight: float
+  label_smoothing: float
+  augment_layers: int
+  augment_magnitude: float
+  crop_area_min: float
+  flip: bool
+  global_batch_size: int
+  epochs: float | None
+  train_steps: int | None
+  examples_per_epoch: int | None
+  learning_rate: float
+  warmup_steps: int
+  end_learning_rate: float
+  weight_decay: float
+  beta_1: float
+  beta_2: float
+  epsilon: float
+  clipnorm: float | None
+  l2_regularization: float
+  ema_decay: float | None
+  distribution: str
+  tpu: str
+  cpu_replicas: int
+  mixed_precision: str | None
+  steps_per_loop: int
+  log_every: int
+  checkpoint_every: int
+  eval_every: int | None
+  keep_checkpoints: int
+  eval_batch_size: int
+  eval_crop: float
+  seed: int
+  deterministic: bool
+  shard_policy: str
+  shuffle: bool
+  cycle_length: int
+  stop_after_steps: int | None
+  op_determinism: bool
 
 
-def _write_text(path, text):
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+@dataclasses.dataclass
+class Plan:
+  """What the settings come to on this process: strategy, host layout, data and lengths."""
+  settings: Settings
+  strategy: Any
+  host: int
+  num_hosts: int
+  replicas: int
+  host_batch: int
+  mixed_precision: str | None
+  distill_weight: float
+  datasets: dict
+  eval_data: str | None
+  infos: list  # pipeline.DatasetInfo, one per dataset
+  num_classes: int
+  resolution: int
+  train_steps: int
+
+  @property
+  def chief(self) -> bool:
+    return self.host == 0
 
 
-def _append_jsonl(path, rows, upto_step=None):
-  """Appends rows; with `upto_step`, first drops lines past it (a resumed run rewrites them)."""
-  kept = []
-  if upto_step is not None and tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)["step"] <= upto_step]
-  text = "".join(kept) + "".join(json.dumps(r) + "\n" for r in rows)
-  if upto_step is not None:
-    _write_text(path, text)
-  else:
-    with tf.io.gfile.GFile(path, "a") as f:
-      f.write(text)
-
-
-def read_jsonl(path):
-  if not tf.io.gfile.exists(path):
-    return []
-  with tf.io.gfile.GFile(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(workdir: str):
-  """history.jsonl + eval.jsonl -> curves.png (loss; train agreement/accuracy and eval top-1)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  hist = read_jsonl(os.path.join(workdir, "history.jsonl"))
-  evals = read_jsonl(os.path.join(workdir, "eval.jsonl"))
-  if not hist:
-    return None
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  steps = [h["step"] for h in hist]
-  ax1.plot(steps, [h["loss"] for h in hist], label="loss")
-  if any(h["kd"] for h in hist):
-    ax1.plot(steps, [h["kd"] for h in hist], label="KL (teacher || student)", alpha=0.7)
-  if any(h["ce"] for h in hist):
-    ax1.plot(steps, [h["ce"] for h in hist], label="label cross-entropy", alpha=0.7)
-  ax1.set_xlabel("step")
-  ax1.set_yscale("log")
-  ax1.set_title("training loss")
-  ax1.legend()
-  ax2.plot(steps, [h["accuracy"] for h in hist], label="train top-1 (labels)")
-  if any(h.get("agreement") is not None for h in hist):
-    ax2.plot(steps, [h["agreement"] for h in hist], label="train agreement with teacher")
-  if evals:
-    ax2.plot([e["step"] for e in evals], [e["top1"] for e in evals], "o-", label="eval top-1")
-  ax2.set_xlabel("step")
-  ax2.set_ylim(0, 1)
-  ax2.set_title("accuracy")
-  ax2.legend(loc="lower right")
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
-  fig.tight_layout()
-  path = os.path.join(workdir, "curves.png")
-  with tf.io.gfile.GFile(path, "wb") as f:
-    fig.savefig(f, format="png", dpi=110)
-  plt.close(fig)
-  return path
-
-
-# ---- the trainer -----------------------------------------------------------------------------
-
-class Trainer:
-  """Holds the strategy, student, optimizer and the compiled train/eval loops."""
-
-  def __init__(self, strategy, distiller: Distiller, optimizer, *, global_batch: int,
-               num_datasets: int, l2_regularization: float = 0.0):
-    self.strategy = strategy
-    self.distiller = distiller
-    self.student = distiller.student
-    self.optimizer = optimizer
-    self.global_batch = global_batch
-    self.num_datasets = num_datasets
-    self.l2 = l2_regularization
-    self.host, self.num_hosts, self.local_replicas = host_info(strategy)
-    self.replica_batch = global_batch // strategy.num_replicas_in_sync
-    self.has_teacher = distiller.distill_weight > 0
-    # loss, kd, ce, correct (labels), agreement (teacher argmax), examples, then per dataset.
-    self.num_stats = 6 + num_datasets
-    self.train_loop = tf.function(self._train_loop)
-    self.eval_batch = tf.function(self._eval_batch)
-
-  def _slice(self, batch):
-    """Host batch -> this host's replicas' slices, as distributed values."""
-    if self.local_replicas == 1:
-      return self.strategy.experimental_distribute_values_from_function(lambda ctx: batch)
-    size = self.replica_batch
-
-    def value_fn(ctx):
-      local = ctx.replica_id_in_sync_group % self.local_replicas
-      return tf.nest.map_structure(lambda t: t[local * size:(local + 1) * size], batch)
-    return self.strategy.experimental_distribute_values_from_function(value_fn)
-
-  def replica_step(self, batch):
-    x = batch["image"]
-    with tf.GradientTape() as tape:
-      logits = self.student(x, training=True)
-      losses = self.distiller.per_example_losses(x, batch, logits)
-      loss = tf.reduce_sum(losses["loss"]) / self.global_batch
-      extra = list(self.student.losses)
-      if self.l2:
-        extra.append(self.l2 * tf.add_n([tf.nn.l2_loss(v) for v in self.student.trainable_variables
-                                         if len(v.shape) > 1]))
-      if extra:
-        loss += tf.add_n(extra) / self.strategy.num_replicas_in_sync
-      scaled = self.optimizer.scale_loss(loss)
-    variables = self.student.trainable_variables
-    grads = tape.gradient(scaled, variables)
-    self.optimizer.apply_gradients(zip(grads, variables))
-    predicted = tf.argmax(logits, -1, output_type=tf.int32)
-    correct = tf.reduce_sum(tf.cast(predicted == batch["label"], tf.float32))
-    if self.has_teacher:
-      agree = tf.reduce_sum(tf.cast(
-          predicted == tf.argmax(losses["teacher"], -1, output_type=tf.int32), tf.float32))
-    else:
-      agree = tf.constant(0.0)
-    per_dataset = tf.reduce_sum(tf.one_hot(batch["dataset"], self.num_datasets), 0)
-    return tf.concat([tf.stack([tf.reduce_sum(losses["loss"]), tf.reduce_sum(losses["kd"]),
-                                tf.reduce_sum(losses["ce"]), correct, agree,
-                                tf.cast(tf.shape(x)[0], tf.float32)]), per_dataset], 0)
-
-  def _train_loop(self, iterator, steps):
-    totals = tf.zeros([self.num_stats])
-    for _ in tf.range(steps):
-      batch = next(iterator)
-      stats = self.strategy.run(self.replica_step, args=(self._slice(batch),))
-      totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, stats, axis=None)
-    return totals
-
-  def replica_eval(self, batch):
-    logits = self.student(batch["image"], training=False)
-    mask = batch["mask"]
-    top1 = tf.cast(tf.math.in_top_k(batch["label"], logits, 1), tf.float32)
-    k = min(5, int(logits.shape[-1]))
-    top5 = tf.cast(tf.math.in_top_k(batch["label"], logits, k), tf.float32)
-    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
-
-  def _eval_batch(self, batch):
-    stats = self.strategy.run(self.replica_eval, args=(self._slice(batch),))
-    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, stats, axis=None)
-
-  def evaluate(self, dataset, host_batch: int):
-    totals = np.zeros(3)
-    for batch in dataset:
-      n = int(batch["label"].shape[0])
-      pad = host_batch - n
-      batch = {"image": tf.pad(batch["image"], [[0, pad], [0, 0], [0, 0], [0, 0]]),
-               "label": tf.pad(batch["label"], [[0, pad]]),
-               "mask": tf.concat([tf.ones([n]), tf.zeros([pad])], 0)}
-      totals += self.eval_batch(batch).numpy()
-    count = max(totals[2], 1.0)
-    return {"top1": float(totals[0] / count), "top5": float(totals[1] / count),
-            "examples": int(totals[2] / self.num_hosts)}
-
-
-class _EMASwap:
-  """Puts the optimizer's EMA weights into the student for a block (eval, export)."""
-
-  def __init__(self, optimizer, student):
-    self.optimizer = optimizer
-    self.student = student
-    self.saved = None
-
-  def __enter__(self):
-    if getattr(self.optimizer, "use_ema", False):
-      # Keras 3 keeps the averages beside the optimizer's own list of trainable variables.
-      pairs = zip(self.optimizer._trainable_variables,  # pylint: disable=protected-access
-                  self.optimizer._model_variables_moving_average)  # pylint: disable=protected-access
-      self.saved = []
-      for var, avg in pairs:
-        self.saved.append((var, tf.identity(var.value)))
-        var.assign(avg)
-    return self
-
-  def __exit__(self, *exc):
-    for var, value in self.saved or []:
-      var.assign(value)
-
-
-def _schedule(learning_rate, warmup_steps, total_steps, end_learning_rate):
-  decay = max(1, total_steps - warmup_steps)
-  return keras.optimizers.schedules.CosineDecay(
-      initial_learning_rate=0.0 if warmup_steps else learning_rate,
-      decay_steps=decay, alpha=end_learning_rate / learning_rate if learning_rate else 0.0,
-      warmup_target=learning_rate if warmup_steps else None, warmup_steps=warmup_steps)
-
-
-def _under(root, path):
-  return path if os.path.isabs(path) or "://" in path else os.path.join(root, path)
-
-
-def _load_teacher(path):
-  if not path:
-    raise ConfigError("train.teacher='online' needs train.teacher_model (a .keras file)")
-  if not tf.io.gfile.exists(path):
-    raise InputPathError(f"train.teacher_model {path} does not exist")
-  try:
-    return keras.saving.load_model(path, compile=False)
-  except Exception as e:  # a user's file that does not load
-    raise InputPathError(f"train.teacher_model {path} cannot be loaded as a .keras model: "
-                         f"{str(e).splitlines()[0][:200]}") from None
+@dataclasses.dataclass
+class Run:
+  """What `build` makes: the student, its optimizer, the compiled steps and the input."""
+  student: keras.Model
+  optimizer: Any
+  trainer: Trainer
+  iterator: Any
+  eval_ds: Any = None
 
 
 # ---- the entry point -------------------------------------------------------------------------
@@ -391,7 +222,7 @@ def train(
     resolution: student input size (default: the records' resolution, else the canonical one).
     teacher: "records" (stored logits), "online" (`teacher_model` runs on each batch) or "none"
       (labels only: set label_weight).
-    temperature, distill_weight, label_weight, label_smoothing: the loss (`mnv4_train.distill`).
+    temperature, distill_weight, label_weight, label_smoothing: the loss (`mnv4_train.kd`).
     global_batch_size, epochs | train_steps, examples_per_epoch: the length; an epoch is
       `examples_per_epoch` images (default: one pass over the first dataset's source images).
     learning_rate, warmup_steps, end_learning_rate: linear warmup then cosine decay.
@@ -407,226 +238,279 @@ def train(
       preemption would; the schedule still spans the whole run.
     op_determinism: TensorFlow's deterministic kernels (bit-equal reruns; slower).
   """
-  t_start = time.time()
-  if teacher not in TEACHERS:
-    raise ConfigError(f"train.teacher must be one of {list(TEACHERS)}, not {teacher!r}")
-  if teacher == "none" and distill_weight:
-    distill_weight = 0.0
-  if not distill_weight and not label_weight:
+  settings = Settings(**locals())  # first: every argument, by name
+  started = time.time()
+  plan = plan_run(settings)
+  run = build(plan)
+  ckpt = Checkpointer(workdir, model=run.student, optimizer=run.optimizer,
+                      iterator=run.iterator, host=plan.host, keep=keep_checkpoints)
+  step = ckpt.restore()
+  if step >= plan.train_steps and tf.io.gfile.exists(_metrics_path(workdir)):
+    log.info("%s is a finished run of %d steps; nothing to do", workdir, plan.train_steps)
+    with tf.io.gfile.GFile(_metrics_path(workdir)) as f:
+      return json.load(f)
+  if plan.chief:
+    record_run(plan)
+  log.info("%s", describe(plan))
+  if plan.eval_data:
+    run.eval_ds, _ = pipeline.eval_dataset(plan.eval_data, resolution=plan.resolution,
+                                           batch_size=eval_batch_size, crop_fraction=eval_crop)
+  writer = MetricWriter(workdir, chief=plan.chief, train_steps=plan.train_steps,
+                        global_batch=global_batch_size)
+  writer.start(step)
+  stop_at = plan.train_steps if stop_after_steps is None else min(plan.train_steps,
+                                                                  step + stop_after_steps)
+  cadence = Cadence(train_steps=plan.train_steps, stop_at=stop_at,
+                    steps_per_loop=steps_per_loop, log_every=log_every,
+                    checkpoint_every=checkpoint_every,
+                    eval_every=eval_every if run.eval_ds is not None else None)
+  step = run_loop(plan, run, cadence, step, ckpt, writer)
+  result = finish(plan, run, step, writer)
+  ckpt.close()
+  result["seconds"] = time.time() - started
+  return result
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+def plan_run(s: Settings) -> Plan:
+  """Checks the settings, makes the strategy and opens the datasets; one ConfigError each."""
+  if s.teacher not in TEACHERS:
+    raise ConfigError(f"train.teacher must be one of {list(TEACHERS)}, not {s.teacher!r}")
+  distill_weight = 0.0 if s.teacher == "none" else s.distill_weight
+  if not distill_weight and not s.label_weight:
     raise ConfigError("nothing to learn from: set train.distill_weight (with a teacher) or "
                       "train.label_weight")
-  if not isinstance(datasets, dict) or not datasets:
+  if not isinstance(s.datasets, dict) or not s.datasets:
     raise ConfigError("train.datasets must map dataset names to folders, e.g. "
                       "{'d1': '/data/d1', 'd2': '/data/d2'}")
-  if global_batch_size < 1:
-    raise ConfigError(f"train.global_batch_size must be >= 1, got {global_batch_size}")
-  _check_workdir(workdir)
-  if data_root:
-    datasets = {name: _under(data_root, path) for name, path in datasets.items()}
-    eval_data = eval_data and _under(data_root, eval_data)
-  keras.utils.set_random_seed(seed)
-  if op_determinism:
+  if s.global_batch_size < 1:
+    raise ConfigError(f"train.global_batch_size must be >= 1, got {s.global_batch_size}")
+  check_workdir(s.workdir)
+  datasets, eval_data = s.datasets, s.eval_data
+  if s.data_root:
+    datasets = {name: _under(s.data_root, path) for name, path in datasets.items()}
+    eval_data = eval_data and _under(s.data_root, eval_data)
+  keras.utils.set_random_seed(s.seed)
+  if s.op_determinism:
     tf.config.experimental.enable_op_determinism()
 
-  strategy = make_strategy(distribution, tpu, cpu_replicas)
-  host, num_hosts, local = host_info(strategy)
-  chief = host == 0
+  strategy = make_strategy(s.distribution, s.tpu, s.cpu_replicas)
+  host, num_hosts, _ = host_info(strategy)
   replicas = strategy.num_replicas_in_sync
-  if global_batch_size % replicas:
-    raise ConfigError(f"train.global_batch_size {global_batch_size} is not divisible by the "
+  if s.global_batch_size % replicas:
+    raise ConfigError(f"train.global_batch_size {s.global_batch_size} is not divisible by the "
                       f"{replicas} replicas")
-  host_batch = global_batch_size // num_hosts
+  mixed_precision = s.mixed_precision
   if mixed_precision == "auto":
-    mixed_precision = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(distribution)
+    mixed_precision = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(s.distribution)
   keras.mixed_precision.set_dtype_policy(mixed_precision or "float32")
 
-  specs = [pipeline.open_dataset(path, name) for name, path in datasets.items()]
-  kinds = {s.kind for s in specs}
-  if teacher == "records" and distill_weight and kinds != {"distill"}:
+  infos = [pipeline.open_dataset(path, name) for name, path in datasets.items()]
+  if (s.teacher == "records" and distill_weight
+      and {info.kind for info in infos} != {"distill"}):
     raise ConfigError("train.teacher='records' needs distillation records for every dataset; "
                       "source shards have no teacher logits (use teacher='online' or 'none')")
-  num_classes = num_classes or specs[0].num_classes
-  if resolution is None:
-    resolution = specs[0].resolution or models.canonical_resolution(model)
+  examples_per_epoch = s.examples_per_epoch
   if examples_per_epoch is None:
-    examples_per_epoch = specs[0].epoch_examples
+    examples_per_epoch = infos[0].epoch_examples
+  train_steps = s.train_steps
   if train_steps is None:
-    if epochs is None:
+    if s.epochs is None:
       raise ConfigError("set train.epochs or train.train_steps")
-    train_steps = max(1, math.ceil(epochs * examples_per_epoch / global_batch_size))
+    train_steps = max(1, math.ceil(s.epochs * examples_per_epoch / s.global_batch_size))
+  return Plan(
+      settings=s, strategy=strategy, host=host, num_hosts=num_hosts, replicas=replicas,
+      host_batch=s.global_batch_size // num_hosts, mixed_precision=mixed_precision,
+      distill_weight=distill_weight, datasets=datasets, eval_data=eval_data, infos=infos,
+      num_classes=s.num_classes or infos[0].num_classes,
+      resolution=s.resolution or infos[0].resolution or models.canonical_resolution(s.model),
+      train_steps=train_steps)
+
+
+def check_workdir(workdir: str):
+  try:
+    tf.io.gfile.makedirs(workdir)
+    # One probe per process: workers of one run share the workdir.
+    probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{time.time_ns()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise InputPathError(f"--workdir {workdir} is not writable ({type(e).__name__}); choose a "
+                         "folder you can write to") from None
+
+
+def _under(root, path):
+  return path if os.path.isabs(path) or "://" in path else os.path.join(root, path)
+
+
+# ---- build -----------------------------------------------------------------------------------
+
+def build(plan: Plan) -> Run:
+  """The input stream, then (in the strategy's scope) student, teacher and optimizer."""
+  s = plan.settings
   options = pipeline.StreamOptions(
-      seed=seed, shuffle=shuffle, cycle_length=cycle_length,
-      supervised_recipe=augment.Recipe("supervised", ra_layers=augment_layers,
-                                       ra_magnitude=augment_magnitude,
-                                       crop_area=(crop_area_min, 1.0), flip=flip))
+      seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length,
+      supervised_recipe=augment.Recipe("supervised", ra_layers=s.augment_layers,
+                                       ra_magnitude=s.augment_magnitude,
+                                       crop_area=(s.crop_area_min, 1.0), flip=s.flip))
   train_ds = pipeline.train_dataset(
-      specs, resolution=resolution, host_batch=host_batch, num_classes=num_classes,
-      weights=weights, schedule=weight_schedule, num_hosts=num_hosts, host=host,
-      shard_policy=shard_policy, deterministic=deterministic, options=options)
-
-  with strategy.scope():
-    student = models.build(model, num_classes=num_classes, resolution=resolution,
-                           **(model_options or {}))
+      plan.infos, resolution=plan.resolution, host_batch=plan.host_batch,
+      num_classes=plan.num_classes, weights=s.weights, schedule=s.weight_schedule,
+      num_hosts=plan.num_hosts, host=plan.host, shard_policy=s.shard_policy,
+      deterministic=s.deterministic, options=options)
+  with plan.strategy.scope():
+    student = models.build(s.model, num_classes=plan.num_classes, resolution=plan.resolution,
+                           **(s.model_options or {}))
     teacher_net = None
-    if teacher == "online" and distill_weight:
-      teacher_net = _load_teacher(teacher_model)
-      out = int(teacher_net.output_shape[-1])
-      if out != num_classes:
-        raise ConfigError(f"teacher {teacher_model} outputs {out} classes but the data has "
-                          f"{num_classes}")
-    distiller = Distiller(student, teacher_net, temperature=temperature,
-                          distill_weight=distill_weight, label_weight=label_weight,
-                          label_smoothing=label_smoothing)
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=_schedule(learning_rate, warmup_steps, train_steps, end_learning_rate),
-        weight_decay=weight_decay, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-        global_clipnorm=clipnorm, use_ema=bool(ema_decay), ema_momentum=ema_decay or 0.99)
-    # Decoupled weight decay on kernels only: not on norms, biases or layer scales.
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in student.trainable_variables if len(v.shape) <= 1])
-    if mixed_precision == "mixed_float16":
-      optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(student.trainable_variables)
+    if s.teacher == "online" and plan.distill_weight:
+      teacher_net = load_teacher(s.teacher_model, plan.num_classes)
+    distiller = Distiller(student, teacher_net, temperature=s.temperature,
+                          distill_weight=plan.distill_weight, label_weight=s.label_weight,
+                          label_smoothing=s.label_smoothing)
+    optimizer = build_optimizer(s, student, plan.train_steps, plan.mixed_precision)
+  trainer = Trainer(plan.strategy, distiller, optimizer, global_batch=s.global_batch_size,
+                    datasets=[info.name for info in plan.infos],
+                    l2_regularization=s.l2_regularization)
+  return Run(student=student, optimizer=optimizer, trainer=trainer, iterator=iter(train_ds))
 
-  trainer = Trainer(strategy, distiller, optimizer, global_batch=global_batch_size,
-                    num_datasets=len(specs), l2_regularization=l2_regularization)
-  iterator = iter(train_ds)
 
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  model_dir = ckpt_dir if chief else os.path.join(workdir, "tmp", f"host{host}")
-  model_ckpt = tf.train.Checkpoint(model=student, optimizer=optimizer)
-  model_manager = tf.train.CheckpointManager(model_ckpt, model_dir, keep_checkpoints)
-  data_dir = os.path.join(ckpt_dir, f"data-host{host}")
-  data_ckpt = tf.train.Checkpoint(iterator=iterator)
-  data_manager = tf.train.CheckpointManager(data_ckpt, data_dir, keep_checkpoints)
+def load_teacher(path: str | None, num_classes: int):
+  """The online teacher (a `.keras` file), checked to output `num_classes` logits."""
+  if not path:
+    raise ConfigError("train.teacher='online' needs train.teacher_model (a .keras file)")
+  teacher = checkpoint.load_model(path, what="train.teacher_model", saved_model=False)
+  out = int(teacher.output_shape[-1])
+  if out != num_classes:
+    raise ConfigError(f"teacher {path} outputs {out} classes but the data has {num_classes}")
+  return teacher
 
-  step = 0
-  latest = tf.train.latest_checkpoint(ckpt_dir)
-  if latest:
-    model_ckpt.restore(latest).assert_existing_objects_matched()
-    step = int(optimizer.iterations.numpy())
-    data_path = os.path.join(data_dir, f"ckpt-{step}")
-    if not tf.io.gfile.exists(data_path + ".index"):
-      raise InputPathError(f"{workdir} has a checkpoint at step {step} but no input position "
-                           f"for host {host} ({data_path}); resume with the same hosts")
-    data_ckpt.restore(data_path).assert_existing_objects_matched()
-    logging.info("resumed from %s at step %d", latest, step)
-    metrics_path = os.path.join(workdir, "metrics.json")
-    if step >= train_steps and tf.io.gfile.exists(metrics_path):
-      with tf.io.gfile.GFile(metrics_path) as f:
-        logging.info("%s is a finished run of %d steps; nothing to do", workdir, train_steps)
-        return json.load(f)
 
-  if chief:
-    _write_text(os.path.join(workdir, "config.gin"), gin.config_str())
-    _write_text(os.path.join(workdir, "run.json"), json.dumps({
-        "model": model, "num_classes": num_classes, "resolution": resolution,
-        "train_steps": train_steps, "global_batch_size": global_batch_size,
-        "datasets": {s.name: {"path": s.path, "kind": s.kind, "recipe": s.recipe,
-                              "examples": s.num_examples} for s in specs},
-        "distribution": distribution, "replicas": replicas, "hosts": num_hosts,
-        "mixed_precision": mixed_precision, "git_revision": _git_revision()}, indent=1))
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-  else:
-    writer = tf.summary.create_noop_writer()
-  logging.info("%s: %d classes at %dpx, %d steps of %d (%d replicas on %d hosts), datasets %s",
-               model, num_classes, resolution, train_steps, global_batch_size, replicas,
-               num_hosts, ", ".join(f"{s.name} ({s.kind} {s.recipe})".replace(" )", ")")
-                                    for s in specs))
+def build_optimizer(s: Settings, student, train_steps: int, mixed_precision: str | None):
+  """AdamW with warmup + cosine decay, no weight decay on 1-D weights, built for `student`."""
+  optimizer = keras.optimizers.AdamW(
+      learning_rate=_schedule(s.learning_rate, s.warmup_steps, train_steps,
+                              s.end_learning_rate),
+      weight_decay=s.weight_decay, beta_1=s.beta_1, beta_2=s.beta_2, epsilon=s.epsilon,
+      global_clipnorm=s.clipnorm, use_ema=bool(s.ema_decay), ema_momentum=s.ema_decay or 0.99)
+  # Decoupled weight decay on kernels only: not on norms, biases or layer scales.
+  optimizer.exclude_from_weight_decay(
+      var_list=[v for v in student.trainable_variables if len(v.shape) <= 1])
+  if mixed_precision == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  optimizer.build(student.trainable_variables)
+  return optimizer
 
-  eval_ds = None
-  if eval_data:
-    eval_ds, _ = pipeline.eval_dataset(eval_data, resolution=resolution,
-                                       batch_size=eval_batch_size, crop_fraction=eval_crop)
 
-  def run_eval(at_step):
-    with _EMASwap(optimizer, student):
-      result = trainer.evaluate(eval_ds, eval_batch_size)
-    result["step"] = at_step
-    if chief:
-      _append_jsonl(os.path.join(workdir, "eval.jsonl"), [result], upto_step=at_step)
-      with writer.as_default(step=at_step):
-        tf.summary.scalar("eval/top1", result["top1"])
-        tf.summary.scalar("eval/top5", result["top5"])
-    logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", at_step, result["top1"],
-                 result["top5"], result["examples"])
-    return result
+def _schedule(learning_rate, warmup_steps, total_steps, end_learning_rate):
+  decay = max(1, total_steps - warmup_steps)
+  return keras.optimizers.schedules.CosineDecay(
+      initial_learning_rate=0.0 if warmup_steps else learning_rate,
+      decay_steps=decay, alpha=end_learning_rate / learning_rate if learning_rate else 0.0,
+      warmup_target=learning_rate if warmup_steps else None, warmup_steps=warmup_steps)
 
-  def save(at_step):
-    data_manager.save(checkpoint_number=at_step)   # the input position first: the model's
-    model_manager.save(checkpoint_number=at_step)  # checkpoint is what marks a step as done
 
-  if chief:  # a resumed run rewrites what came after its checkpoint
-    _append_jsonl(os.path.join(workdir, "history.jsonl"), [], upto_step=step)
-    _append_jsonl(os.path.join(workdir, "eval.jsonl"), [], upto_step=step)
-  stop_at = train_steps if stop_after_steps is None else min(train_steps, step + stop_after_steps)
-  names = [s.name for s in specs]
+# ---- run metadata ----------------------------------------------------------------------------
+
+def record_run(plan: Plan):
+  """config.gin (the gin files as given) and run.json (what the run is, with the git revision)."""
+  s = plan.settings
+  write_text(os.path.join(s.workdir, "config.gin"), gin.config_str())
+  write_text(os.path.join(s.workdir, "run.json"), json.dumps({
+      "model": s.model, "num_classes": plan.num_classes, "resolution": plan.resolution,
+      "train_steps": plan.train_steps, "global_batch_size": s.global_batch_size,
+      "datasets": {info.name: {"path": info.path, "kind": info.kind, "recipe": info.recipe,
+                               "examples": info.num_examples} for info in plan.infos},
+      "distribution": s.distribution, "replicas": plan.replicas, "hosts": plan.num_hosts,
+      "mixed_precision": plan.mixed_precision, "git_revision": _git_revision()}, indent=1))
+
+
+def describe(plan: Plan) -> str:
+  """The run's start line: model, data, length and layout."""
+  s = plan.settings
+  data = ", ".join(f"{info.name} ({info.kind} {info.recipe})".replace(" )", ")")
+                   for info in plan.infos)
+  return (f"{s.model}: {plan.num_classes} classes at {plan.resolution}px, {plan.train_steps} "
+          f"steps of {s.global_batch_size} ({plan.replicas} replicas on {plan.num_hosts} "
+          f"hosts), datasets {data}")
+
+
+def _git_revision():
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def _metrics_path(workdir):
+  return os.path.join(workdir, "metrics.json")
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+def run_loop(plan: Plan, run: Run, cadence: Cadence, step: int, ckpt: Checkpointer,
+             writer: MetricWriter) -> int:
+  """Trains from `step` to `cadence.stop_at`, logging, checkpointing and evaluating on time."""
+  sums = stats.Sums(run.trainer.datasets)
   interval_start, interval_time = step, time.time()
-  totals = np.zeros(trainer.num_stats)
-  while step < stop_at:
-    boundary = min(stop_at, (step // steps_per_loop + 1) * steps_per_loop,
-                   (step // log_every + 1) * log_every,
-                   (step // checkpoint_every + 1) * checkpoint_every,
-                   (step // eval_every + 1) * eval_every if eval_every and eval_ds else stop_at)
+  while step < cadence.stop_at:
+    boundary = cadence.next_stop(step)
     try:
-      totals += trainer.train_loop(iterator, tf.constant(boundary - step)).numpy()
+      sums.add(run.trainer.train_loop(run.iterator, boundary - step))
     except tf.errors.OutOfRangeError:
-      raise InputPathError("the training data ran out; check that the datasets hold examples")
+      raise InputPathError("the training data ran out; check that the datasets hold "
+                           "examples") from None
     step = boundary
-    if not np.isfinite(totals[0]):
-      last = model_manager.latest_checkpoint if chief else tf.train.latest_checkpoint(ckpt_dir)
-      raise TrainingDiverged(f"the loss became {totals[0]} between steps {interval_start} and "
-                             f"{step}; stopped, the last good checkpoint is {last or 'none'}; "
-                             "lower train.learning_rate or check the teacher logits")
-    if step % log_every == 0 or step == stop_at:
-      n = max(totals[5], 1.0)
+    if not math.isfinite(sums[stats.LOSS]):
+      raise TrainingDiverged(f"the loss became {sums[stats.LOSS]} between steps "
+                             f"{interval_start} and {step}; stopped, the last good checkpoint "
+                             f"is {ckpt.latest() or 'none'}; lower train.learning_rate or "
+                             "check the teacher logits")
+    if cadence.log(step):
       seconds = time.time() - interval_time
-      row = {"step": step, "loss": totals[0] / n, "kd": totals[1] / n, "ce": totals[2] / n,
-             "accuracy": totals[3] / n,
-             "agreement": totals[4] / n if trainer.has_teacher else None,
-             "learning_rate": float(optimizer.learning_rate),
-             "examples_per_second": (step - interval_start) * global_batch_size / seconds,
-             "mixture": {name: totals[6 + i] / n for i, name in enumerate(names)}}
-      if chief:
-        _append_jsonl(os.path.join(workdir, "history.jsonl"), [row])
-        with writer.as_default(step=step):
-          for key in ("loss", "kd", "ce", "accuracy", "learning_rate", "examples_per_second"):
-            tf.summary.scalar(f"train/{key}", row[key])
-          if row["agreement"] is not None:
-            tf.summary.scalar("train/teacher_agreement", row["agreement"])
-          for name, share in row["mixture"].items():
-            tf.summary.scalar(f"mixture/{name}", share)
-      logging.info("step %d/%d (%.0f%%): loss %.4f, train top-1 %.3f%s, lr %.2e, %.1f img/s%s",
-                   step, train_steps, 100.0 * step / train_steps, row["loss"], row["accuracy"],
-                   f", teacher agreement {row['agreement']:.3f}" if trainer.has_teacher else "",
-                   row["learning_rate"], row["examples_per_second"],
-                   "" if len(names) == 1 else ", mix " + " ".join(
-                       f"{k} {v:.2f}" for k, v in row["mixture"].items()))
-      totals[:] = 0
+      writer.train(sums.row(
+          step, has_teacher=run.trainer.has_teacher,
+          learning_rate=float(run.optimizer.learning_rate),
+          examples_per_second=(step - interval_start) * plan.settings.global_batch_size
+          / seconds))
+      sums.reset()
       interval_start, interval_time = step, time.time()
-    if step % checkpoint_every == 0 or step == stop_at:
-      save(step)
-    if eval_ds is not None and eval_every and step % eval_every == 0 and step < train_steps:
-      run_eval(step)
+    if cadence.checkpoint(step):
+      ckpt.save(step)
+    if run.eval_ds is not None and cadence.evaluate(step):
+      evaluate(plan, run, step, writer)
+  return step
 
-  result = {"step": step, "train_steps": train_steps, "finished": step >= train_steps}
-  if step >= train_steps:
-    if eval_ds is not None:
-      result.update(run_eval(step))
-    if chief:
+
+def evaluate(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
+  """Top-1/top-5 on the eval data (EMA weights when EMA is on), written and returned."""
+  with EMASwap(run.optimizer, run.student):
+    result = run.trainer.evaluate(run.eval_ds, plan.settings.eval_batch_size)
+  result["step"] = step
+  writer.eval(result)
+  return result
+
+
+# ---- finish ----------------------------------------------------------------------------------
+
+def finish(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
+  """A finished run: final evaluation, export/student.keras, operative_config.gin, metrics."""
+  workdir = plan.settings.workdir
+  result = {"step": step, "train_steps": plan.train_steps, "finished": step >= plan.train_steps}
+  if result["finished"]:
+    if run.eval_ds is not None:
+      result.update(evaluate(plan, run, step, writer))
+    if plan.chief:
       export_dir = os.path.join(workdir, "export")
       tf.io.gfile.makedirs(export_dir)
       path = os.path.join(export_dir, "student.keras")
-      with _EMASwap(optimizer, student):
-        student.save(path + ".tmp.keras")
+      with EMASwap(run.optimizer, run.student):
+        run.student.save(path + ".tmp.keras")
       tf.io.gfile.rename(path + ".tmp.keras", path, overwrite=True)
       result["export"] = path
-      _write_text(os.path.join(workdir, "operative_config.gin"), gin.operative_config_str())
-      _write_text(os.path.join(workdir, "metrics.json"), json.dumps(result, indent=1))
-  if chief:
-    writer.flush()
-    plot_curves(workdir)
-  if not chief:
-    tf.io.gfile.rmtree(os.path.join(workdir, "tmp", f"host{host}"))
-  result["seconds"] = time.time() - t_start
+      write_text(os.path.join(workdir, "operative_config.gin"), gin.operative_config_str())
+      write_text(_metrics_path(workdir), json.dumps(result, indent=1))
+  writer.close()
   return result

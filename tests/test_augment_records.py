@@ -158,7 +158,7 @@ def test_source_example_round_trip():
   serialized = records.source_example("c/1.png", data, 4, 48, 64, "png")
   py = records.read_source_example(serialized)
   assert py == {"id": "c/1.png", "encoded": data, "label": 4, "height": 48, "width": 64,
-                "format": "png"}
+                "format": "png", "original_format": ""}
   parsed = records.parse_source(tf.constant(serialized))
   assert parsed["image/encoded"].numpy() == data and int(parsed["image/label"]) == 4
   assert records.image_format(data) == "png" and records.image_format(b"hello") is None

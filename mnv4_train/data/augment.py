@@ -89,7 +89,8 @@ def key_seed(recipe: str, replica: int, example_id: str | bytes, copy: int = 0) 
 
 
 def decode(image_bytes: tf.Tensor) -> tf.Tensor:
-  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [h, w, 3]."""
+  """Encoded JPEG/PNG/GIF/BMP bytes (what source shards hold: ingest stores WebP as PNG) ->
+  uint8 [h, w, 3]."""
   image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
   image.set_shape([None, None, 3])
   return image

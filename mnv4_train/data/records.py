@@ -2,8 +2,11 @@
 
 Source shard (`data_prep.ingest`), one Example per image, stored once:
   image/id        bytes   stable example id (e.g. `n01440764/n01440764_10026.JPEG`)
-  image/encoded   bytes   the original encoded image (JPEG/PNG/...), not re-encoded
-  image/format    bytes   `jpeg`, `png`, `gif` or `bmp`
+  image/encoded   bytes   the original encoded image (JPEG/PNG/GIF/BMP), not re-encoded; WebP
+                          is stored as a lossless PNG of its pixels (`data_prep.transforms`)
+  image/format    bytes   `jpeg`, `png`, `gif` or `bmp`: what image/encoded holds
+  image/original_format  bytes  `webp` for converted images; absent when image/format is the
+                          file's own format
   image/label     int64   class index, -1 when unlabeled
   image/height, image/width  int64
 
@@ -42,6 +45,8 @@ def image_format(data: bytes) -> str | None:
   for magic, name in IMAGE_FORMATS.items():
     if data.startswith(magic):
       return name
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "webp"  # ingest stores it as PNG
   return None
 
 
@@ -64,21 +69,26 @@ def _as_bytes(s):
 # ---- source shards ----------------------------------------------------------------------------
 
 def source_example(example_id, encoded: bytes, label: int, height: int, width: int,
-                   fmt: str) -> bytes:
-  return tf.train.Example(features=tf.train.Features(feature={
+                   fmt: str, original_format: str = "") -> bytes:
+  feature = {
       "image/id": _bytes(_as_bytes(example_id)),
       "image/encoded": _bytes(encoded),
       "image/format": _bytes(fmt.encode()),
       "image/label": _ints([label]),
       "image/height": _ints([height]),
       "image/width": _ints([width]),
-  })).SerializeToString(deterministic=True)
+  }
+  if original_format and original_format != fmt:
+    feature["image/original_format"] = _bytes(original_format.encode())
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 SOURCE_FEATURES = {
     "image/id": tf.io.FixedLenFeature([], tf.string),
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
     "image/format": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "image/original_format": tf.io.FixedLenFeature([], tf.string, default_value=""),
     "image/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     "image/height": tf.io.FixedLenFeature([], tf.int64, default_value=0),
     "image/width": tf.io.FixedLenFeature([], tf.int64, default_value=0),
@@ -91,7 +101,8 @@ def parse_source(serialized: tf.Tensor) -> dict:
 
 
 def read_source_example(serialized: bytes) -> dict:
-  """Python-side parse (Beam): id (str), encoded (bytes), label (int), height, width, format."""
+  """Python-side parse (Beam): id (str), encoded (bytes), label (int), height, width, format,
+  original_format ("" unless converted)."""
   ex = tf.train.Example.FromString(serialized)
   f = ex.features.feature
   return {
@@ -101,6 +112,8 @@ def read_source_example(serialized: bytes) -> dict:
       "height": int(f["image/height"].int64_list.value[0]) if "image/height" in f else 0,
       "width": int(f["image/width"].int64_list.value[0]) if "image/width" in f else 0,
       "format": f["image/format"].bytes_list.value[0].decode() if "image/format" in f else "",
+      "original_format": (f["image/original_format"].bytes_list.value[0].decode()
+                          if "image/original_format" in f else ""),
   }
 
 

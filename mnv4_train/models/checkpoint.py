@@ -6,6 +6,9 @@ That layout is unique to each variant at any width, so a checkpoint renamed, bui
 width or imported from timm is still identified. The export CLI and the latency benchmark load
 checkpoints through `load_checkpoint`; the timm converter (`mnv4_train/convert.py`) builds the
 same signature from a state dict.
+
+`load_model` is the one loader of saved models in the project: the trainer's online teacher,
+the distillation job's teacher, select_d3's classifier and `load_checkpoint` all go through it.
 """
 
 from __future__ import annotations
@@ -60,6 +63,37 @@ def identify(model) -> str | None:
   return identify_signature(signature) if signature else None
 
 
+def load_model(path: str, *, what: str = "model", saved_model: bool = True):
+  """Loads a Keras 3 `.keras` file or (with `saved_model`) a TensorFlow SavedModel folder.
+
+  The MNv4 layers are registered first, so our models load in any process (a Beam worker
+  too). SavedModels, which Keras 3 no longer loads, go through `tf.saved_model.load`.
+
+  Args:
+    path: a local or bucket path.
+    what: how the user gave the path (e.g. "--teacher", "train.teacher_model"), for the error.
+    saved_model: accept a SavedModel folder as well as a `.keras` file.
+
+  Raises:
+    InputPathError: one line, when the path does not exist or does not load.
+  """
+  # pylint: disable=import-outside-toplevel
+  import keras
+  import tensorflow as tf
+
+  import mnv4_train.models.layers  # noqa: F401  # pylint: disable=unused-import  (registers them)
+  kinds = "a Keras 3 .keras file" + (" or a SavedModel folder" if saved_model else "")
+  if not tf.io.gfile.exists(path):
+    raise InputPathError(f"{what} {path} does not exist; pass {kinds}")
+  try:
+    if saved_model and tf.io.gfile.isdir(path):
+      return tf.saved_model.load(path)
+    return keras.saving.load_model(path, compile=False)
+  except Exception as e:  # noqa: BLE001  any failure to read the file is the user's to fix
+    raise InputPathError(f"cannot load {what} {path} as {kinds} ({first_line(e, limit=200)})"
+                         ) from None
+
+
 def load_checkpoint(path: str, *, model: str):
   """Loads a `.keras` checkpoint and checks that it holds variant `model`.
 
@@ -73,15 +107,7 @@ def load_checkpoint(path: str, *, model: str):
   if not path.endswith(".keras"):
     raise ConfigError(f"checkpoint {path} is not a .keras file; save the model with Keras 3 "
                       "model.save('name.keras')")
-  import keras
-
-  import mnv4_train.models.layers  # noqa: F401  registers our layers for deserialisation
-  try:
-    loaded = keras.saving.load_model(path, compile=False)
-  except Exception as e:  # noqa: BLE001  any failure to read the file is the user's to fix
-    reason = first_line(e)
-    raise InputPathError(f"cannot load checkpoint {path} as a Keras 3 .keras file "
-                         f"({reason[:200]})") from None
+  loaded = load_model(path, what="checkpoint", saved_model=False)
   found = identify(loaded)
   if found is None:
     raise ConfigError(f"checkpoint {path} holds no MNv4 model (model {loaded.name!r} has no "

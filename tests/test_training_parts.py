@@ -1,0 +1,196 @@
+"""The trainer's parts on their own: cadence, named sums, metric writer, checkpointer, gin."""
+
+import inspect
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mnv4_train import train
+from mnv4_train.errors import ConfigError, InputPathError
+from mnv4_train.training import stats
+from mnv4_train.training.cadence import Cadence
+from mnv4_train.training.checkpointer import Checkpointer
+from mnv4_train.training.metric_writer import MetricWriter, format_duration, progress_line
+
+
+# ---- cadence ----------------------------------------------------------------------------------
+
+def _stops(cadence, step=0):
+  stops = []
+  while step < cadence.stop_at:
+    step = cadence.next_stop(step)
+    stops.append(step)
+  return stops
+
+
+def test_cadence_stops_at_every_boundary_and_acts_on_time():
+  c = Cadence(train_steps=20, stop_at=20, steps_per_loop=7, log_every=5, checkpoint_every=8,
+              eval_every=10)
+  assert _stops(c) == [5, 7, 8, 10, 14, 15, 16, 20]
+  assert [s for s in range(1, 21) if c.log(s)] == [5, 10, 15, 20]
+  assert [s for s in range(1, 21) if c.checkpoint(s)] == [8, 16, 20]
+  # The end of the run evaluates in `finish`, not as a periodic evaluation.
+  assert [s for s in range(1, 21) if c.evaluate(s)] == [10]
+
+
+def test_cadence_of_a_stopped_invocation_logs_and_checkpoints_where_it_stops():
+  c = Cadence(train_steps=100, stop_at=13, steps_per_loop=100, log_every=10,
+              checkpoint_every=50)
+  assert _stops(c, step=4) == [10, 13]
+  assert c.log(13) and c.checkpoint(13) and not c.checkpoint(10)
+  assert not any(c.evaluate(s) for s in range(1, 101))  # no eval data: never
+
+
+def test_cadence_refuses_a_zero_interval():
+  with pytest.raises(ConfigError, match="train.log_every must be >= 1"):
+    Cadence(train_steps=10, stop_at=10, log_every=0)
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+def test_sums_add_up_by_name_and_make_the_history_row():
+  sums = stats.Sums(["d1", "d2"])
+  assert sums.names == ("loss", "kd", "ce", "correct", "agree", "examples",
+                        "examples/d1", "examples/d2")
+  sums.add({"loss": 6.0, "kd": 4.0, "ce": 2.0, "correct": 3.0, "agree": 2.0, "examples": 4.0,
+            "examples/d1": 1.0, "examples/d2": 3.0})
+  sums.add({"loss": np.float32(2.0), "examples": 4.0, "examples/d1": 4.0})
+  row = sums.row(7, has_teacher=True, learning_rate=0.5, examples_per_second=10.0)
+  assert row == {"step": 7, "loss": 1.0, "kd": 0.5, "ce": 0.25, "accuracy": 0.375,
+                 "agreement": 0.25, "learning_rate": 0.5, "examples_per_second": 10.0,
+                 "mixture": {"d1": 0.625, "d2": 0.375}}
+  assert list(row) == ["step", "loss", "kd", "ce", "accuracy", "agreement", "learning_rate",
+                       "examples_per_second", "mixture"]  # history.jsonl's column order
+  assert sums.row(7, has_teacher=False, learning_rate=0.5,
+                  examples_per_second=1.0)["agreement"] is None
+  with pytest.raises(KeyError, match="unknown statistic 'examples/d3'"):
+    sums.add({"examples/d3": 1.0})
+  sums.reset()
+  assert sums["loss"] == 0.0 and sums.mean("loss") == 0.0  # an empty interval divides by 1
+
+
+# ---- metric writer ----------------------------------------------------------------------------
+
+def _row(step, loss, mixture=None):
+  return {"step": step, "loss": loss, "kd": loss, "ce": 0.0, "accuracy": 0.5,
+          "agreement": 0.75, "learning_rate": 1e-3, "examples_per_second": 64.0,
+          "mixture": mixture or {"d1": 1.0}}
+
+
+def test_progress_line_has_step_rate_and_eta():
+  line = progress_line(_row(250, 1.5, {"d1": 0.4, "d2": 0.6}), train_steps=1000,
+                       global_batch=32)
+  # 750 steps of 32 examples at 64 examples/s: 375 s.
+  assert line == ("step 250/1000 (25%): loss 1.5000, train top-1 0.500, teacher agreement "
+                  "0.750, lr 1.00e-03, mix d1 0.40 d2 0.60, 64.0 examples/s, ETA 6m15s")
+  assert [format_duration(s) for s in (0, 59.4, 61, 3600, 7322)] == [
+      "0s", "59s", "1m01s", "1h00m", "2h02m"]
+
+
+def test_metric_writer_writes_history_eval_tensorboard_and_curves(tmp_path, caplog):
+  work = str(tmp_path)
+  writer = MetricWriter(work, chief=True, train_steps=4, global_batch=8)
+  writer.start(0)
+  with caplog.at_level("INFO", logger="mnv4_train"):
+    for step, loss in [(1, 2.0), (2, 1.5), (3, 1.0), (4, 0.5)]:
+      writer.train(_row(step, loss))
+    writer.eval({"top1": 0.25, "top5": 0.5, "examples": 10, "step": 4})
+  writer.close()
+  history = train.read_jsonl(os.path.join(work, "history.jsonl"))
+  assert [h["step"] for h in history] == [1, 2, 3, 4] and history[3]["loss"] == 0.5
+  assert train.read_jsonl(os.path.join(work, "eval.jsonl")) == [
+      {"top1": 0.25, "top5": 0.5, "examples": 10, "step": 4}]
+  assert any(m.startswith("step 4/4 (100%)") and "ETA 0s" in m for m in caplog.messages)
+  assert "eval at step 4: top-1 0.2500 top-5 0.5000 (10 images)" in caplog.messages
+  with open(os.path.join(work, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  events = tf.io.gfile.glob(os.path.join(work, "tensorboard", "events.out.tfevents.*"))
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0]) for v in e.summary.value}
+  assert {"train/loss", "train/teacher_agreement", "mixture/d1", "eval/top1"} <= tags
+
+  # A run resumed from step 2 drops what came after its checkpoint.
+  again = MetricWriter(work, chief=True, train_steps=4, global_batch=8)
+  again.start(2)
+  assert [h["step"] for h in train.read_jsonl(os.path.join(work, "history.jsonl"))] == [1, 2]
+  assert train.read_jsonl(os.path.join(work, "eval.jsonl")) == []
+
+
+def test_a_non_chief_metric_writer_writes_no_file(tmp_path):
+  writer = MetricWriter(str(tmp_path), chief=False, train_steps=2, global_batch=8)
+  writer.start(0)
+  writer.train(_row(1, 1.0))
+  writer.eval({"top1": 0.25, "top5": 0.5, "examples": 10, "step": 1})
+  writer.close()
+  assert os.listdir(tmp_path) == []
+
+
+# ---- checkpointer -----------------------------------------------------------------------------
+
+def _model_and_optimizer():
+  model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+  optimizer = keras.optimizers.SGD(0.1)
+  optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
+def test_checkpointer_restores_weights_optimizer_and_input_position(tmp_path):
+  model, optimizer = _model_and_optimizer()
+  iterator = iter(tf.data.Dataset.range(100))
+  ckpt = Checkpointer(str(tmp_path), model=model, optimizer=optimizer, iterator=iterator)
+  assert ckpt.restore() == 0 and ckpt.latest() is None
+  for _ in range(5):
+    next(iterator)
+  optimizer.iterations.assign(5)
+  model.layers[0].kernel.assign(np.full((3, 2), 7.0))
+  ckpt.save(5)
+  assert ckpt.latest().endswith("ckpt-5")
+
+  model2, optimizer2 = _model_and_optimizer()
+  iterator2 = iter(tf.data.Dataset.range(100))
+  again = Checkpointer(str(tmp_path), model=model2, optimizer=optimizer2, iterator=iterator2)
+  assert again.restore() == 5
+  assert int(next(iterator2)) == 5
+  np.testing.assert_array_equal(model2.layers[0].kernel.numpy(), np.full((3, 2), 7.0))
+
+  # Another host layout has no input position for this host: one clear error.
+  model3, optimizer3 = _model_and_optimizer()
+  other = Checkpointer(str(tmp_path), model=model3, optimizer=optimizer3,
+                       iterator=iter(tf.data.Dataset.range(100)), host=1)
+  with pytest.raises(InputPathError, match="no input position for host 1"):
+    other.restore()
+
+
+# ---- the gin surface --------------------------------------------------------------------------
+
+# Every argument of the gin entry point with its default, as users' gin files and
+# --gin_bindings know them: a rename or a changed default breaks their runs.
+GIN_SURFACE = {
+    "model": "REQUIRED", "datasets": "REQUIRED", "weights": None, "weight_schedule": None,
+    "eval_data": None, "data_root": None, "model_options": None, "num_classes": None,
+    "resolution": None, "teacher": "records", "teacher_model": None, "temperature": 1.0,
+    "distill_weight": 1.0, "label_weight": 0.0, "label_smoothing": 0.0, "augment_layers": 2,
+    "augment_magnitude": 9.0, "crop_area_min": 0.08, "flip": True, "global_batch_size": 256,
+    "epochs": None, "train_steps": None, "examples_per_epoch": None, "learning_rate": 0.004,
+    "warmup_steps": 1560, "end_learning_rate": 0.0, "weight_decay": 0.1, "beta_1": 0.9,
+    "beta_2": 0.999, "epsilon": 1e-7, "clipnorm": None, "l2_regularization": 0.0,
+    "ema_decay": None, "distribution": "cpu", "tpu": "local", "cpu_replicas": 1,
+    "mixed_precision": "auto", "steps_per_loop": 100, "log_every": 100,
+    "checkpoint_every": 1000, "eval_every": None, "keep_checkpoints": 3,
+    "eval_batch_size": 256, "eval_crop": 0.875, "seed": 0, "deterministic": True,
+    "shard_policy": "auto", "shuffle": True, "cycle_length": 16, "stop_after_steps": None,
+    "op_determinism": False,
+}
+
+
+def test_the_gin_entry_point_keeps_every_argument_and_default():
+  import gin
+  params = inspect.signature(train.train).parameters
+  assert list(params)[0] == "workdir"
+  got = {name: ("REQUIRED" if p.default is gin.REQUIRED else p.default)
+         for name, p in list(params.items())[1:]}
+  assert got == GIN_SURFACE
+  # `Settings` carries every argument by name into the parts.
+  assert [f.name for f in train.dataclasses.fields(train.Settings)] == list(params)
