@@ -548,8 +548,8 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
         f"unlabelled ({selection['ood_images']} of them out-of-distribution digits), "
         f"{sources['test']['images']} test images")
   print(f"D3 (relevance filter: the label-only student, > {selection['threshold']}): "
-        f"{selection['above_threshold']} of {selection['corpus_images']} corpus images pass, "
-        f"{selection['ood_kept']} of {selection['ood_images']} digits among them; "
+        f"{selection['above_threshold']} of {selection['corpus_images']} corpus images pass; "
+        f"{selection['ood_kept']} of the {selection['ood_images']} digits made it into D3; "
         f"kept per class {selection['kept_per_class']} -> records per class after "
         f"replication {selection['records_per_class']}")
   print(f"{'model':<38}{'test top-1':>11}{'val top-1':>10}{'params':>10}{'MACs':>11}"
