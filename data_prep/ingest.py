@@ -371,14 +371,21 @@ def _idx_count(path: str) -> int | None:
 
 # ---- the pipeline -----------------------------------------------------------------------------
 
+HASH_BUCKETS = 1_000_000
+
+
+def hash_bucket(example_id: str, salt: str = "holdout") -> int:
+  """An id's stable bucket in [0, HASH_BUCKETS): the same on every machine and run.
+
+  The "holdout" buckets place an id for --holdout_fraction and --hash_range alike, so the range
+  0,F is exactly --holdout_fraction=F --subset=holdout.
+  """
+  return transforms.stable_hash(salt + "\x1f" + example_id) % HASH_BUCKETS
+
+
 def in_holdout(example_id: str, fraction: float) -> bool:
   """Whether an id falls in the held-out fraction: a stable hash, the same on every machine."""
-  return transforms.stable_hash("holdout\x1f" + example_id) % 1_000_000 < fraction * 1_000_000
-
-
-def hash_fraction(example_id: str, salt: str = "holdout") -> float:
-  """An id's stable position in [0, 1) (the hash behind --holdout_fraction and --hash_range)."""
-  return (transforms.stable_hash(salt + "\x1f" + example_id) % 1_000_000) / 1_000_000
+  return hash_bucket(example_id) < fraction * HASH_BUCKETS
 
 
 class _Select(beam.DoFn):
@@ -394,11 +401,11 @@ class _Select(beam.DoFn):
   def process(self, ex):
     if self.hash_range:
       lo, hi = self.hash_range
-      if not lo <= hash_fraction(ex["id"]) < hi:
+      if not lo * HASH_BUCKETS <= hash_bucket(ex["id"]) < hi * HASH_BUCKETS:
         self.outside.inc()
         return
     keep = self.class_fraction.get(ex["label"])
-    if keep is not None and hash_fraction(ex["id"], "class_fraction") >= keep:
+    if keep is not None and hash_bucket(ex["id"], "class_fraction") >= keep * HASH_BUCKETS:
       self.thinned.inc()
       return
     yield {**ex, "label": -1} if self.drop_labels else ex

@@ -147,26 +147,27 @@ def _log(message):
   print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _record_time(workspace, key, seconds):
-  """Adds a stage's wall seconds to workspace/stage_times.json (kept across resumed runs)."""
-  path = os.path.join(workspace, "stage_times.json")
-  times = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      times = json.load(f)
-  times[key] = times.get(key, 0.0) + seconds
-  with open(path + ".tmp", "w") as f:
-    json.dump(times, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _stage_times(workspace):
+  """Wall seconds per stage, from workspace/stage_times.json (kept across resumed runs)."""
   path = os.path.join(workspace, "stage_times.json")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
     return json.load(f)
 
+
+def _record_time(workspace, key, seconds):
+  """Adds a stage's wall seconds to workspace/stage_times.json."""
+  times = _stage_times(workspace)
+  times[key] = times.get(key, 0.0) + seconds
+  path = os.path.join(workspace, "stage_times.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(times, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+# Every Beam stage runs locally on 2 worker processes (the DirectRunner's multi-processing mode).
+BEAM_LOCAL = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
 
 _VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
 # The stages that take --verbose: the Beam jobs (data_prep/console.py) and the trainer.
@@ -217,6 +218,16 @@ def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):
     _log(f"{stage}: finished before ({folder}), kept")
     return
   _run(stage, argv, workspace, key)
+
+
+def _digits_folder(stage, folder, *flags):
+  """sklearn's digits written as an image folder (data_prep.digits), once; `.complete` marks it."""
+  marker = os.path.join(folder, ".complete")
+  if os.path.exists(marker):
+    _log(f"{stage}: finished before ({folder}), kept")
+    return
+  _run(stage, ["data_prep.digits", f"--out={folder}", *flags])
+  open(marker, "w").close()
 
 
 def measure(keras_path, resolution, batch=64, rounds=5):
@@ -317,19 +328,14 @@ def run_folder(args) -> dict:
   images = args.images
   if images is None:
     images = os.path.join(ws, "images")
-    if not os.path.exists(os.path.join(images, ".complete")):
-      _run("1/8 images", ["data_prep.digits", f"--out={images}"])
-      open(os.path.join(images, ".complete"), "w").close()
-    else:
-      _log(f"1/8 images: finished before ({images}), kept")
+    _digits_folder("1/8 images", images)
   else:
     _log(f"1/8 images: your folder {images}")
-  beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
   for subset in ("train", "holdout"):
     folder = os.path.join(ws, "sources", subset)
     _job(f"2/8 sources ({subset})", folder,
          ["data_prep.ingest", f"--images={images}", f"--out={folder}", "--num_shards=2",
-          f"--holdout_fraction={args.holdout_fraction}", f"--subset={subset}"] + beam)
+          f"--holdout_fraction={args.holdout_fraction}", f"--subset={subset}"] + BEAM_LOCAL)
   runs = os.path.join(ws, "runs")
   _train("3/8 teacher", "digits_teacher.gin", os.path.join(runs, "teacher"), args)
   _train("4/8 baseline", "digits_student.gin", os.path.join(runs, "student_labels"), args)
@@ -340,7 +346,7 @@ def run_folder(args) -> dict:
          ["data_prep.distill", f"--recipe={recipe}", f"--source={ws}/sources/train",
           f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas[recipe]}",
           "--replicas_per_task=1", "--batch_size=64", f"--crop_area_min={args.crop_area_min}"]
-         + (["--no_flip"] if args.flip == "no" else []) + beam)
+         + (["--no_flip"] if args.flip == "no" else []) + BEAM_LOCAL)
   _train("6/8 student", "digits_distill.gin", os.path.join(runs, "student_distill"), args)
   export_dir = os.path.join(ws, "export")
   _job("7/8 export", export_dir,
@@ -371,14 +377,9 @@ MAIN_MIXTURE = "d1+d2+d3"
 
 def _fashion_sources(args):
   ws = args.workspace
-  beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
   ood = os.path.join(ws, "ood_digits")
-  if args.ood and not os.path.exists(os.path.join(ood, ".complete")):
-    _run("1/9 images", ["data_prep.digits", f"--out={ood}", f"--per_class={args.ood}",
-                        "--size=28"])
-    open(os.path.join(ood, ".complete"), "w").close()
-  elif args.ood:
-    _log(f"1/9 images: finished before ({ood}), kept")
+  if args.ood:
+    _digits_folder("1/9 images", ood, f"--per_class={args.ood}", "--size=28")
   lab, val = args.labelled, args.labelled + args.val
   subsets = {
       "train": ["--fashion_mnist=train", f"--hash_range=0,{lab}", "--num_shards=2"],
@@ -393,7 +394,7 @@ def _fashion_sources(args):
   for subset, flags in subsets.items():
     folder = os.path.join(ws, "sources", subset)
     _job(f"2/9 sources ({subset})", folder,
-         ["data_prep.ingest", f"--out={folder}"] + flags + beam, workspace=ws,
+         ["data_prep.ingest", f"--out={folder}"] + flags + BEAM_LOCAL, workspace=ws,
          key=f"sources/{subset}")
 
 
@@ -411,7 +412,6 @@ def _distill_student(args, name, steps_binding):
 def evaluate(keras_path, shards, resolution, batch=256):
   """Top-1 of a `.keras` model on source shards (whole images resized, as training evaluates)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from mnv4_train import models  # pylint: disable=import-outside-toplevel,unused-import
   from mnv4_train.data import pipeline  # pylint: disable=import-outside-toplevel
   from mnv4_train.models import checkpoint  # pylint: disable=import-outside-toplevel
   model = checkpoint.load_model(keras_path, what="model", saved_model=False)
@@ -465,12 +465,11 @@ def run_fashion(args) -> dict:
   corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
                                           "the corpus").num_examples
   per_class = args.per_class or max(100, int(round(corpus_size / 10, -2)))
-  beam = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
   selection = os.path.join(ws, "selections", "d3")
   _job("5/9 d3 select", selection,
        ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
         f"--out={selection}", f"--per_class={per_class}", f"--threshold={args.threshold}",
-        "--batch_size=256"] + beam, workspace=ws, key="select_d3")
+        "--batch_size=256"] + BEAM_LOCAL, workspace=ws, key="select_d3")
   for recipe in ("d1", "d2", "d3"):
     folder = os.path.join(ws, "distill", recipe)
     source = "corpus" if recipe == "d3" else "train"
@@ -481,7 +480,7 @@ def run_fashion(args) -> dict:
          + ([f"--selection={selection}"] if recipe == "d3" else [])
          + ([f"--ra_magnitude={args.ra_magnitude}"] if args.ra_magnitude and recipe != "d2"
             else [])
-         + (["--no_flip"] if args.flip == "no" else []) + beam, workspace=ws, key=recipe)
+         + (["--no_flip"] if args.flip == "no" else []) + BEAM_LOCAL, workspace=ws, key=recipe)
   steps = [f"train.train_steps={args.student_steps}"] if args.student_steps else []
   main_run = _distill_student(args, MAIN_MIXTURE, steps)
   export_dir = os.path.join(ws, "export")

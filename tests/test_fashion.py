@@ -97,6 +97,10 @@ def test_ingest_corpus_withholds_labels_thins_classes_and_adds_ood(idx_folder, t
   by_class = np.bincount([int(i.rsplit("/", 1)[1]) % 10 for i in fashion_ids], minlength=10)
   assert by_class[2] == 0 and 0 < by_class[4] < 30 and by_class[0] == 30
   assert m["source"]["labels_dropped"] and m["source"]["class_fraction"] == {"2": 0.0, "4": 0.5}
+  # A corpus of unlabelled images only (no labelled source at all).
+  only = ingest.run([f"--unlabeled_only={ood}", f"--out={tmp_path / 'only'}"])
+  assert only["num_examples"] == only["unlabeled"] == 20 and only["num_classes"] == 0
+  assert sorted(_read_shards(str(tmp_path / "only"))) == sorted(ood_ids)
 
 
 def test_missing_fashion_mnist_is_one_line_with_how_to_get_it(tmp_path):
