@@ -38,6 +38,9 @@ import time
 from mnv4_train.errors import ArgumentParser, UserError, exit_on_user_error
 
 PROG = "mnv4_train.demo"
+# The distilled students' default length: fashion_distill.gin's train.train_steps (a test keeps
+# the two equal); the demo always binds it, so --student_steps changes every distilled run.
+DISTILL_STEPS = 2000
 
 
 class StageFailed(UserError):
@@ -77,9 +80,9 @@ def parse_args(argv):
   parser.add_argument("--threshold", type=float, default=0.3,
                       help="fashion_mnist: relevance score above which a corpus image may enter "
                       "D3 (the paper's 0.3)")
-  parser.add_argument("--student_steps", type=int, default=None,
-                      help="fashion_mnist: steps of every distilled student (default: "
-                      "fashion_distill.gin's)")
+  parser.add_argument("--student_steps", type=int, default=DISTILL_STEPS,
+                      help="fashion_mnist: steps of every distilled student (default "
+                      f"{DISTILL_STEPS}, as fashion_distill.gin; the README's full run: 8000)")
   parser.add_argument("--workspace", default=None,
                       help="workspace folder (default workspace/digits, or workspace/<folder "
                       "name> with --images)")
@@ -99,6 +102,9 @@ def parse_args(argv):
                       "fashion_mnist: 2)")
   parser.add_argument("--flip", choices=["auto", "yes", "no"], default="auto",
                       help="horizontal flips in D1/D2 (auto: not for digits, yes for --images)")
+  parser.add_argument("--beam_workers", type=int, default=2,
+                      help="worker processes of each local Beam job (1: in the job's own "
+                      "process, which starts faster on small inputs)")
   parser.add_argument("--verbose", action="store_true",
                       help="every stage prints everything its libraries log")
   args = parser.parse_args(argv)
@@ -117,6 +123,10 @@ def parse_args(argv):
   if len(reps) != 3 or min(reps) < 1:
     parser.error(f"--replicas takes N or D1,D2,D3 (each >= 1), got {args.replicas!r}")
   args.replicas = dict(zip(("d1", "d2", "d3"), reps))
+  if args.student_steps < 1:
+    parser.error(f"--student_steps must be >= 1, got {args.student_steps}")
+  if args.beam_workers < 1:
+    parser.error(f"--beam_workers must be >= 1, got {args.beam_workers}")
   if args.resolution < 16:
     parser.error("--resolution must be >= 16")
   if not (0 < args.labelled and 0 < args.val and args.labelled + args.val < args.corpus <= 1.0):
@@ -166,8 +176,14 @@ def _record_time(workspace, key, seconds):
   os.replace(path + ".tmp", path)
 
 
-# Every Beam stage runs locally on 2 worker processes (the DirectRunner's multi-processing mode).
-BEAM_LOCAL = ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def beam_local(workers):
+  """The local runner's flags: N worker processes (multi-processing), or 1: in the stage's own
+  process (no worker start-up: faster for small inputs such as the tests' slivers)."""
+  if workers == 1:
+    return []
+  return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
 
 _VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
 # The stages that take --verbose: the Beam jobs (data_prep/console.py) and the trainer.
@@ -325,6 +341,7 @@ def run(argv=None) -> dict:
 def run_folder(args) -> dict:
   """The quick path: digits or a user's folder; D1 + D2 from the teacher, no corpus."""
   ws = args.workspace
+  beam = beam_local(args.beam_workers)
   images = args.images
   if images is None:
     images = os.path.join(ws, "images")
@@ -335,7 +352,7 @@ def run_folder(args) -> dict:
     folder = os.path.join(ws, "sources", subset)
     _job(f"2/8 sources ({subset})", folder,
          ["data_prep.ingest", f"--images={images}", f"--out={folder}", "--num_shards=2",
-          f"--holdout_fraction={args.holdout_fraction}", f"--subset={subset}"] + BEAM_LOCAL)
+          f"--holdout_fraction={args.holdout_fraction}", f"--subset={subset}"] + beam)
   runs = os.path.join(ws, "runs")
   _train("3/8 teacher", "digits_teacher.gin", os.path.join(runs, "teacher"), args)
   _train("4/8 baseline", "digits_student.gin", os.path.join(runs, "student_labels"), args)
@@ -346,7 +363,7 @@ def run_folder(args) -> dict:
          ["data_prep.distill", f"--recipe={recipe}", f"--source={ws}/sources/train",
           f"--teacher={teacher}", f"--out={folder}", f"--replicas={args.replicas[recipe]}",
           "--replicas_per_task=1", "--batch_size=64", f"--crop_area_min={args.crop_area_min}"]
-         + (["--no_flip"] if args.flip == "no" else []) + BEAM_LOCAL)
+         + (["--no_flip"] if args.flip == "no" else []) + beam)
   _train("6/8 student", "digits_distill.gin", os.path.join(runs, "student_distill"), args)
   export_dir = os.path.join(ws, "export")
   _job("7/8 export", export_dir,
@@ -373,6 +390,7 @@ MIXTURES = {
     "d1+d2+d3": {"d1": 1.0, "d2": 1.0, "d3": 2.0},
 }
 MAIN_MIXTURE = "d1+d2+d3"
+LABELS_CONTROL = "labels, same steps"  # the ablation's control row
 
 
 def _fashion_sources(args):
@@ -394,18 +412,33 @@ def _fashion_sources(args):
   for subset, flags in subsets.items():
     folder = os.path.join(ws, "sources", subset)
     _job(f"2/9 sources ({subset})", folder,
-         ["data_prep.ingest", f"--out={folder}"] + flags + BEAM_LOCAL, workspace=ws,
+         ["data_prep.ingest", f"--out={folder}"] + flags + beam_local(args.beam_workers),
+         workspace=ws,
          key=f"sources/{subset}")
 
 
-def _distill_student(args, name, steps_binding):
+def _steps_suffix(args):
+  """Workdirs of runs at a non-default length are named by it, so none is reused by mistake."""
+  return "" if args.student_steps == DISTILL_STEPS else f"_s{args.student_steps}"
+
+
+def _distill_student(args, name):
   runs = os.path.join(args.workspace, "runs")
   weights = MIXTURES[name]
   datasets = {d: f"distill/{d}" for d in weights}
-  workdir = os.path.join(runs, "student_" + name.replace("+", "_"))
+  workdir = os.path.join(runs, "student_" + name.replace("+", "_") + _steps_suffix(args))
   stage = "7/9 student" if name == MAIN_MIXTURE else "ablation"
   _train(f"{stage} ({name})", "fashion_distill.gin", workdir, args,
-         f"train.datasets={datasets!r}", f"train.weights={weights!r}", *steps_binding)
+         f"train.datasets={datasets!r}", f"train.weights={weights!r}",
+         f"train.train_steps={args.student_steps}")
+  return workdir
+
+
+def _labels_control(args):
+  """The label-only student trained as long as the distilled ones: is it the schedule?"""
+  workdir = os.path.join(args.workspace, "runs", f"student_labels_s{args.student_steps}")
+  _train(f"ablation ({LABELS_CONTROL})", "fashion_student.gin", workdir, args,
+         f"train.train_steps={args.student_steps}")
   return workdir
 
 
@@ -455,6 +488,7 @@ def _selection_figures(ws):
 def run_fashion(args) -> dict:
   from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
   ws = args.workspace
+  beam = beam_local(args.beam_workers)
   start = time.time()
   _fashion_sources(args)
   runs = os.path.join(ws, "runs")
@@ -469,7 +503,7 @@ def run_fashion(args) -> dict:
   _job("5/9 d3 select", selection,
        ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
         f"--out={selection}", f"--per_class={per_class}", f"--threshold={args.threshold}",
-        "--batch_size=256"] + BEAM_LOCAL, workspace=ws, key="select_d3")
+        "--batch_size=256"] + beam, workspace=ws, key="select_d3")
   for recipe in ("d1", "d2", "d3"):
     folder = os.path.join(ws, "distill", recipe)
     source = "corpus" if recipe == "d3" else "train"
@@ -480,9 +514,8 @@ def run_fashion(args) -> dict:
          + ([f"--selection={selection}"] if recipe == "d3" else [])
          + ([f"--ra_magnitude={args.ra_magnitude}"] if args.ra_magnitude and recipe != "d2"
             else [])
-         + (["--no_flip"] if args.flip == "no" else []) + BEAM_LOCAL, workspace=ws, key=recipe)
-  steps = [f"train.train_steps={args.student_steps}"] if args.student_steps else []
-  main_run = _distill_student(args, MAIN_MIXTURE, steps)
+         + (["--no_flip"] if args.flip == "no" else []) + beam, workspace=ws, key=recipe)
+  main_run = _distill_student(args, MAIN_MIXTURE)
   export_dir = os.path.join(ws, "export")
   _job("8/9 export", export_dir,
        ["mnv4_train.export", "--model=conv_s", f"--checkpoint={main_run}/export/student.keras",
@@ -493,7 +526,8 @@ def run_fashion(args) -> dict:
   if args.ablation:
     for name in MIXTURES:
       ablation[name] = (main_run if name == MAIN_MIXTURE
-                        else _distill_student(args, name, steps))
+                        else _distill_student(args, name))
+    ablation[LABELS_CONTROL] = _labels_control(args)
   _log("9/9 report")
   return fashion_report(args, [("teacher (Conv-S)", os.path.join(runs, "teacher")),
                                ("student, labels only (Conv-S x0.25)",
@@ -557,7 +591,8 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
     print(f"{r['model']:<38}{100 * r['top1']:>10.2f}%{100 * r['val_top1']:>9.2f}%"
           f"{r['params']:>10,}{r['macs'] / 1e6:>9.2f} M{r['images_per_second']:>9.0f}")
   if table8:
-    print("Table 8 in miniature (same student, same steps; test top-1):")
+    print(f"Table 8 in miniature (same student, {args.student_steps} steps each; test top-1; "
+          f"'{LABELS_CONTROL}': no teacher, labels only):")
     for t in table8:
       took = t["train_seconds"]
       print(f"  {t['mixture']:<10}{100 * t['top1']:>7.2f}%"
@@ -575,7 +610,8 @@ def plot_ablation(table8, teacher, labels_only, ws):
   fig, ax = plt.subplots(figsize=(7, 3.8))
   names = [t["mixture"].upper() for t in table8]
   values = [100 * t["top1"] for t in table8]
-  ax.bar(names, values, color="#4477aa")
+  ax.bar(names, values, color=["#bbbbbb" if t["mixture"] == LABELS_CONTROL else "#4477aa"
+                               for t in table8])
   ax.axhline(100 * teacher, color="#228833", ls="--", label=f"teacher {100 * teacher:.2f}%")
   ax.axhline(100 * labels_only, color="#cc3311", ls=":",
              label=f"labels only {100 * labels_only:.2f}%")

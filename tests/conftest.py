@@ -20,6 +20,27 @@ CORRUPT_FILES = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+  """Starts each of two xdist workers with its share of the long end-to-end tests.
+
+  The `worksteal` scheduler hands worker 0 the first half of this order and worker 1 the rest,
+  then lets an idle worker take queued tests from the other's tail. The `lead(worker)` tests
+  (minutes each) go to the head of their half; everything else keeps its order, so a file's
+  tests (and its fixtures) mostly stay on one worker.
+  """
+  del config
+  leads = {0: [], 1: []}
+  rest = []
+  for item in items:
+    mark = item.get_closest_marker("lead")
+    (leads[mark.args[0]] if mark else rest).append(item)
+  if not leads[0] and not leads[1]:
+    return
+  half = len(items) // 2
+  first = leads[0] + rest[:max(0, half - len(leads[0]))]
+  items[:] = first + leads[1] + rest[len(first) - len(leads[0]):]
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
   """200 real digit images (20 per class, 32 px PNG) plus three corrupt files."""

@@ -25,9 +25,11 @@ def _demo(*args, check=True):
 
 
 @pytest.mark.slow
+@pytest.mark.lead(0)
 def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
   ws = str(tmp_path / "ws")
-  proc = _demo("--dataset=digits", f"--workspace={ws}")
+  # In-process Beam jobs (the 2-worker runs are tested in test_data_prep and test_console).
+  proc = _demo("--dataset=digits", f"--workspace={ws}", "--beam_workers=1")
   report = json.load(open(os.path.join(ws, "report.json")))
   teacher, labels_only, distilled = (r["top1"] for r in report["runs"])
   print(f"held-out top-1: teacher {teacher:.4f}, labels only {labels_only:.4f}, "
@@ -43,7 +45,7 @@ def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
   assert report["export"]["formats"]["tflite_float32"]["check"]["top1_agreement"] >= 0.99
   # A second run reuses every stage.
   start = time.time()
-  again = _demo("--dataset=digits", f"--workspace={ws}")
+  again = _demo("--dataset=digits", f"--workspace={ws}", "--beam_workers=1")
   # images, 2 source subsets, teacher, baseline, d1, d2, student, export: all kept.
   assert again.stdout.count("finished before") == 9, again.stdout
   assert time.time() - start < 120
@@ -73,10 +75,12 @@ def _user_folder(root):
 
 
 @pytest.mark.slow
+@pytest.mark.lead(1)
 def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
   folder, good = _user_folder(tmp_path)
   ws = str(tmp_path / "ws")
-  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=1", "--replicas=1"]
+  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=1", "--replicas=1",
+          "--beam_workers=1"]
   # Ctrl-C during the teacher's training, then the same command again: it resumes.
   proc = subprocess.Popen([sys.executable, "-m", "mnv4_train.demo", *args], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -108,3 +112,6 @@ def test_bad_flags_stop_with_one_line(tmp_path):
   proc = _demo(f"--images={tmp_path}/nope", check=False)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 2 and len(lines) == 1 and "is not a folder" in lines[0]
+  proc = _demo("--dataset=digits", "--beam_workers=0", check=False)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and "--beam_workers must be >= 1" in lines[0]

@@ -115,6 +115,7 @@ def test_missing_fashion_mnist_is_one_line_with_how_to_get_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.lead(1)
 def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
   """The whole section-8 path (ingest, select_d3, D1/D2/D3, 1:1:2, report) on a sliver.
 
@@ -125,7 +126,8 @@ def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
   ws = str(tmp_path / "ws")
   args = [f"--workspace={ws}", "--labelled=0.01", "--val=0.004", "--corpus=0.03", "--ood=3",
           "--test=0.02", "--epochs=1", "--student_steps=12", "--replicas=1", "--per_class=12",
-          "--threshold=0.1"]  # a 1-epoch relevance classifier is barely confident
+          "--threshold=0.1",  # a 1-epoch relevance classifier is barely confident
+          "--beam_workers=1"]  # in-process Beam jobs: no worker start-up on a sliver
   proc = subprocess.run([sys.executable, "-m", "mnv4_train.demo", *args], capture_output=True,
                         text=True, cwd=REPO)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -166,3 +168,16 @@ def test_local_beam_jobs_skip_the_prism_download():
   assert isinstance(files.make_pipeline(["--runner=DirectRunner"]).runner, fn_runner.FnApiRunner)
   other = files.make_pipeline(["--runner=BundleBasedDirectRunner"])
   assert not isinstance(other.runner, fn_runner.FnApiRunner)
+
+
+def test_the_demo_binds_the_distillation_recipes_own_length():
+  """--student_steps defaults to fashion_distill.gin's train_steps; other lengths get their own
+  workdirs (a finished 2000-step run is never taken for an 8000-step one)."""
+  import re
+  from mnv4_train import demo
+  gin_text = open(os.path.join(REPO, "gin_configs", "fashion_distill.gin")).read()
+  assert int(re.search(r"^train\.train_steps = (\d+)", gin_text, re.M).group(1)) == \
+      demo.DISTILL_STEPS
+  default = demo.parse_args(["--workspace=/tmp/ws"])
+  longer = demo.parse_args(["--workspace=/tmp/ws", "--student_steps=8000"])
+  assert demo._steps_suffix(default) == "" and demo._steps_suffix(longer) == "_s8000"
