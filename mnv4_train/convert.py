@@ -1,7 +1,10 @@
 """Import timm's MobileNetV4 weights (safetensors) into our Keras model, to start from a
-pretrained network.
+pretrained network; or timm's TF-ported EfficientNets, as teachers.
 
     python -m mnv4_train.convert --from_timm model.safetensors --model conv_m --out conv_m.keras
+
+(`--model efficientnet_b0` ... `efficientnet_l2` takes timm's `tf_efficientnet_*` weights, the
+paper's teacher included: see mnv4_train/convert_efficientnet.py. What follows is MobileNetV4.)
 
 Takes the `model.safetensors` file timm publishes for `mobilenetv4_conv_small|medium|large` and
 `mobilenetv4_hybrid_medium|large` (any head size, any channel multiplier) and writes a `.keras`
@@ -63,11 +66,14 @@ _BN = ("weight", "bias", "running_mean", "running_var")
 
 
 class TimmWeights:
-  """A timm MobileNetV4 state dict: tensors by name, grouped into blocks, tracking use."""
+  """A timm state dict (MobileNetV4 or EfficientNet): tensors by name, grouped into blocks,
+  tracking use. `family` and `timm_names` only word the errors."""
 
-  def __init__(self, tensors: dict, source: str):
+  def __init__(self, tensors: dict, source: str, *, family: str = "MobileNetV4",
+               timm_names: str = "mobilenetv4_*"):
     self.tensors = tensors
     self.source = source
+    self.family = family
     self.used: set[str] = set()
     self.blocks: dict[int, dict[int, set[str]]] = {}
     for key in tensors:
@@ -76,14 +82,14 @@ class TimmWeights:
         self.blocks.setdefault(int(match[1]), {}).setdefault(int(match[2]), set()).add(match[3])
     if "conv_stem.weight" not in tensors or not self.blocks:
       sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
-      raise ConfigError(f"{source} is not a timm MobileNetV4 checkpoint (no conv_stem.weight and "
+      raise ConfigError(f"{source} is not a timm {family} checkpoint (no conv_stem.weight and "
                         f"blocks.N.M tensors; it has {sample}, ...); pass the model.safetensors "
-                        "of a timm mobilenetv4_* model")
+                        f"of a timm {timm_names} model")
 
   def take(self, key: str):
     if key not in self.tensors:
-      raise ConfigError(f"{self.source} lacks tensor {key}; it is not a timm MobileNetV4 layout "
-                        "this converter knows")
+      raise ConfigError(f"{self.source} lacks tensor {key}; it is not a timm {self.family} "
+                        "layout this converter knows")
     self.used.add(key)
     return self.tensors[key]
 
@@ -156,11 +162,11 @@ def _out_channels(weights: TimmWeights, spec) -> dict[str, int]:
   return filters
 
 
-def _assign(variable, value, key: str, source: str) -> None:
+def _assign(variable, value, key: str, source: str, family: str = "MobileNetV4") -> None:
   if tuple(variable.shape) != tuple(value.shape):
     raise ConfigError(f"{source}: tensor {key} has shape {tuple(value.shape)} where our model "
                       f"expects {tuple(variable.shape)} ({variable.path}); the file's layout "
-                      "differs from timm's MobileNetV4")
+                      f"differs from timm's {family}")
   variable.assign(value)
 
 
@@ -172,13 +178,14 @@ def _conv(layer, weights: TimmWeights, key: str) -> None:
     value = w.transpose(2, 3, 0, 1)
   else:
     value = w.transpose(2, 3, 1, 0)
-  _assign(layer.kernel, value, key, weights.source)
+  _assign(layer.kernel, value, key, weights.source, weights.family)
 
 
 def _bn(layer, weights: TimmWeights, prefix: str) -> None:
   for name, variable in zip(_BN, (layer.gamma, layer.beta, layer.moving_mean,
                                   layer.moving_variance)):
-    _assign(variable, weights.take(f"{prefix}.{name}"), f"{prefix}.{name}", weights.source)
+    _assign(variable, weights.take(f"{prefix}.{name}"), f"{prefix}.{name}", weights.source,
+            weights.family)
 
 
 def _ops(block) -> dict:
@@ -279,6 +286,10 @@ def from_timm(path: str, *, model: str, inputs: str = "project"):
   weights = TimmWeights(read_safetensors(path), path)
   found = identify_timm(weights)
   if found is None:
+    from mnv4_train import convert_efficientnet  # pylint: disable=import-outside-toplevel
+    if convert_efficientnet.file_layout(weights) is not None:
+      raise ConfigError(f"{path} holds a timm EfficientNet, not a MobileNetV4; pass --model "
+                        "efficientnet_b0 ... efficientnet_l2 (the variant it is)")
     raise ConfigError(f"{path}'s block layout matches no MobileNetV4 variant; pass the "
                       f"model.safetensors of one of timm's {', '.join(TIMM_NAMES.values())}")
   if found != model:
@@ -327,19 +338,52 @@ def save_keras(model, out: str) -> None:
       os.remove(tmp)
 
 
+def _convert_efficientnet(args) -> None:
+  from mnv4_train import convert_efficientnet as E
+  model = E.from_timm(args.from_timm, model=args.model, inputs=args.input,
+                      resolution=args.resolution, width=args.width_coefficient,
+                      depth=args.depth_coefficient)
+  save_keras(model, args.out)
+  size = model.input_shape[1]
+  print(f"wrote {args.out}: {args.model} from timm's {E.VARIANTS[args.model].timm_name}, "
+        f"{model.get_layer('predictions').units} classes, {model.count_params():,} parameters, "
+        f"fixed {size}x{size} input (data_prep.distill reads it from the file); inputs: "
+        + ("[-1, 1] (--teacher_input minus_one_to_one)" if args.input == "project"
+           else "ImageNet mean/std-normalised, as timm"))
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = ArgumentParser(prog="mnv4_train.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--from_timm", required=True, metavar="SAFETENSORS",
-                      help="timm's model.safetensors of a mobilenetv4_* model")
-  parser.add_argument("--model", required=True, help="the variant the file holds (conv_m, ...)")
+                      help="timm's model.safetensors of a mobilenetv4_* or tf_efficientnet_* "
+                           "model")
+  parser.add_argument("--model", required=True,
+                      help="the variant the file holds: conv_s ... hybrid_l (MobileNetV4), or "
+                           "efficientnet_b0 ... efficientnet_b8, efficientnet_l2 (timm's "
+                           "tf_efficientnet_*, see mnv4_train/convert_efficientnet.py)")
   parser.add_argument("--out", required=True, help="the .keras file to write")
   parser.add_argument("--input", default="project", choices=INPUTS,
                       help="project (default): the model takes [-1, 1] images; timm: it takes "
                            "ImageNet mean/std-normalised images, as timm's model does")
+  parser.add_argument("--resolution", type=int, default=None,
+                      help="EfficientNet only: the fixed input size (TF 'same' padding depends "
+                           "on it; default: config.json's input size, else the variant's)")
+  parser.add_argument("--width_coefficient", type=float, default=None,
+                      help="EfficientNet only: override the variant's width coefficient")
+  parser.add_argument("--depth_coefficient", type=float, default=None,
+                      help="EfficientNet only: override the variant's depth coefficient")
   args = parser.parse_args(argv)
   with exit_on_user_error(parser.prog):
     if not args.out.endswith(".keras"):
       raise ConfigError(f"--out {args.out} must end in .keras (a Keras 3 model file)")
+    if args.model.startswith("efficientnet"):
+      _convert_efficientnet(args)
+      return 0
+    extra = [f for f in ("resolution", "width_coefficient", "depth_coefficient")
+             if getattr(args, f) is not None]
+    if extra:
+      raise ConfigError(f"--{extra[0]} is for EfficientNet teachers (--model efficientnet_*); "
+                        f"a MobileNetV4 --model {args.model} takes the file's own layout")
     model = from_timm(args.from_timm, model=args.model, inputs=args.input)
     save_keras(model, args.out)
     stem = model.get_layer("stem")
