@@ -316,6 +316,10 @@ def plan_run(s: Settings) -> Plan:
   if s.teacher not in TEACHERS:
     raise ConfigError(f"train.teacher must be one of {list(TEACHERS)}, not {s.teacher!r}")
   distill_weight = 0.0 if s.teacher == "none" else s.distill_weight
+  if (s.mixup_alpha or s.cutmix_alpha) and s.teacher != "none":
+    raise ConfigError("batch mixup/cutmix (train.mixup_alpha, train.cutmix_alpha) is for "
+                      "label-only runs (train.teacher='none'): it would change the pixels the "
+                      "teacher's logits belong to; set both alphas to 0")
   if not distill_weight and not s.label_weight:
     raise ConfigError("nothing to learn from: set train.distill_weight (with a teacher) or "
                       "train.label_weight")
@@ -363,10 +367,6 @@ def plan_run(s: Settings) -> Plan:
       raise ConfigError(f"train.warmup_epochs must be >= 0, got {s.warmup_epochs}")
     warmup_steps = math.ceil(s.warmup_epochs * examples_per_epoch / s.global_batch_size)
   ema_start_step = warmup_steps if s.ema_start_step is None else s.ema_start_step
-  if (s.mixup_alpha or s.cutmix_alpha) and s.teacher != "none":
-    raise ConfigError("batch mixup/cutmix (train.mixup_alpha, train.cutmix_alpha) is for "
-                      "label-only runs (train.teacher='none'): it would change the pixels the "
-                      "teacher's logits belong to; set both alphas to 0")
   return Plan(
       settings=s, strategy=strategy, host=host, num_hosts=num_hosts, replicas=replicas,
       host_batch=s.global_batch_size // num_hosts, mixed_precision=mixed_precision,
