@@ -149,7 +149,8 @@ class AugmentTask(beam.DoFn):
     params = augment.sample(recipe, element["seed"], tf.shape(image),
                             tf.shape(partner) if recipe.mixup else None)
     scale, offset = transforms.INPUT_SCALES[self.teacher_input]
-    pixels = augment.apply(image, params, self.resolution, partner)
+    pixels = augment.apply(image, params, self.resolution, partner,
+                           constants=recipe.ra_constants(self.resolution))
     return pixels * scale + offset, params
 
   def process(self, element):

@@ -49,11 +49,20 @@ def label_loss(student_logits, labels, num_classes: int, label_smoothing: float 
   return -ops.sum(targets * log_q, axis=-1)
 
 
+def soft_label_loss(student_logits, targets):
+  """Per-example softmax cross-entropy against soft targets ([batch, classes], rows summing to
+  one: mixup/cutmix labels, already smoothed by the mixer, so no smoothing here, as the Model
+  Garden's `soft_labels` loss)."""
+  log_q = ops.log_softmax(ops.cast(student_logits, "float32"), axis=-1)
+  return -ops.sum(ops.cast(targets, "float32") * log_q, axis=-1)
+
+
 class Distiller(keras.Model):
   """Wraps a student (and optionally an online teacher) with the distillation loss.
 
   `call` is the student. `y` is a dict with `label` and, unless a teacher model is given,
-  `teacher` (the stored logits, [batch, classes]). Works with `fit` on one device on any
+  `teacher` (the stored logits, [batch, classes]); a batch mixed by mixup/cutmix also has
+  `targets`, its soft labels, which the label term then uses instead of `label`. Works with `fit` on one device on any
   backend, and is what the `tf.distribute` loop of `mnv4_train.train` calls per replica
   (`per_example_losses`). The teacher is frozen and not part of the student's weights.
   """
@@ -91,7 +100,9 @@ class Distiller(keras.Model):
       teacher = self.teacher_logits(x, y)
       kd = kd_loss(student_logits, teacher, self.temperature)
     ce = zeros
-    if self.label_weight:
+    if self.label_weight and "targets" in y:  # mixed batches carry their soft labels
+      ce = soft_label_loss(student_logits, y["targets"])
+    elif self.label_weight:
       ce = label_loss(student_logits, y["label"], self.num_classes, self.label_smoothing)
     loss = self.distill_weight * kd + self.label_weight * ce
     return {"kd": kd, "ce": ce, "loss": loss, "teacher": teacher}

@@ -33,6 +33,7 @@ from typing import Any
 import gin
 import keras
 import tensorflow as tf
+from official.vision.ops import augment as mg_augment
 
 from mnv4_train import models
 from mnv4_train.data import augment, pipeline
@@ -79,6 +80,15 @@ class Settings:
   label_smoothing: float
   augment_layers: int
   augment_magnitude: float
+  augment_translate_const: float
+  augment_cutout_const: float
+  augment_prob_to_apply: float | None
+  augment_exclude_ops: tuple
+  mixup_alpha: float
+  cutmix_alpha: float
+  mix_prob: float
+  mix_switch_prob: float
+  mix_label_smoothing: float
   crop_area_min: float
   flip: bool
   global_batch_size: int
@@ -87,6 +97,7 @@ class Settings:
   examples_per_epoch: int | None
   learning_rate: float
   warmup_steps: int
+  warmup_epochs: float | None
   end_learning_rate: float
   weight_decay: float
   beta_1: float
@@ -95,6 +106,7 @@ class Settings:
   clipnorm: float | None
   l2_regularization: float
   ema_decay: float | None
+  ema_start_step: int | None
   distribution: str
   tpu: str
   cpu_replicas: int
@@ -132,6 +144,8 @@ class Plan:
   num_classes: int
   resolution: int
   train_steps: int
+  warmup_steps: int
+  ema_start_step: int
 
   @property
   def chief(self) -> bool:
@@ -171,6 +185,15 @@ def train(
     label_smoothing: float = 0.0,
     augment_layers: int = 2,
     augment_magnitude: float = 9.0,
+    augment_translate_const: float = 10.0,
+    augment_cutout_const: float = 40.0,
+    augment_prob_to_apply: float | None = None,
+    augment_exclude_ops: tuple = (),
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    mix_prob: float = 1.0,
+    mix_switch_prob: float = 0.5,
+    mix_label_smoothing: float = 0.1,
     crop_area_min: float = 0.08,
     flip: bool = True,
     global_batch_size: int = 256,
@@ -179,6 +202,7 @@ def train(
     examples_per_epoch: int | None = None,
     learning_rate: float = 0.004,
     warmup_steps: int = 1560,
+    warmup_epochs: float | None = None,
     end_learning_rate: float = 0.0,
     weight_decay: float = 0.1,
     beta_1: float = 0.9,
@@ -187,6 +211,7 @@ def train(
     clipnorm: float | None = None,
     l2_regularization: float = 0.0,
     ema_decay: float | None = None,
+    ema_start_step: int | None = None,
     distribution: str = "cpu",
     tpu: str = "local",
     cpu_replicas: int = 1,
@@ -214,8 +239,16 @@ def train(
       drop_path_rate, bn_momentum, ...); `num_classes` defaults to the data's.
     datasets: name -> folder: distillation records (`data_prep.distill`) or source shards
       (`data_prep.ingest`, augmented online with an inception crop of at least
-      `crop_area_min` of the image + RandAugment `augment_layers`/`augment_magnitude` + a
-      horizontal flip when `flip`).
+      `crop_area_min` of the image + RandAugment + a horizontal flip when `flip`).
+    augment_layers, augment_magnitude, augment_translate_const, augment_cutout_const,
+      augment_prob_to_apply, augment_exclude_ops: that RandAugment, as the Model Garden's
+      `RandAugment` arguments (num_layers, magnitude, translate_const, cutout_const,
+      prob_to_apply, exclude_ops; constants in pixels at any resolution, as it applies them;
+      defaults: its `common.RandAugment` config's).
+    mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, mix_label_smoothing: batch mixup /
+      cutmix, the Model Garden's `MixupAndCutmix` (alpha, cutmix_alpha, prob, switch_prob,
+      label_smoothing) on each batch, its soft labels taking the label term's place
+      (label-only runs, teacher "none"); off while both alphas are 0.
     weights / weight_schedule: mixture weights by dataset name, or [(start_step, weights), ...].
     eval_data: held-out source shards for top-1/top-5.
     data_root: a folder (or bucket path) that relative `datasets` and `eval_data` paths are in.
@@ -226,9 +259,14 @@ def train(
     global_batch_size, epochs | train_steps, examples_per_epoch: the length; an epoch is
       `examples_per_epoch` images (default: one pass over the first dataset's source images).
     learning_rate, warmup_steps, end_learning_rate: linear warmup then cosine decay.
+    warmup_epochs: the warmup in epochs (converted to steps as `epochs` is); when set it
+      replaces `warmup_steps`.
     weight_decay, beta_1, beta_2, epsilon, clipnorm: AdamW (no decay on norms, biases, scales).
     l2_regularization: an extra 0.5 * l2 * |w|^2 loss on kernels (the Model Garden's Conv-S).
     ema_decay: keep an exponential moving average of the weights (evaluated and exported).
+    ema_start_step: the average follows the weights exactly until this optimizer step, and
+      averages from there on (the Model Garden's `ExponentialMovingAverage(start_step=...)`);
+      None: at the end of the warmup, as its MNv4 recipes set it.
     distribution, tpu, cpu_replicas: see `make_strategy`.
     mixed_precision: None, "mixed_bfloat16", "mixed_float16" or "auto" (bf16 on TPU, float16
       on GPU, float32 on CPU).
@@ -278,6 +316,10 @@ def plan_run(s: Settings) -> Plan:
   if s.teacher not in TEACHERS:
     raise ConfigError(f"train.teacher must be one of {list(TEACHERS)}, not {s.teacher!r}")
   distill_weight = 0.0 if s.teacher == "none" else s.distill_weight
+  if (s.mixup_alpha or s.cutmix_alpha) and s.teacher != "none":
+    raise ConfigError("batch mixup/cutmix (train.mixup_alpha, train.cutmix_alpha) is for "
+                      "label-only runs (train.teacher='none'): it would change the pixels the "
+                      "teacher's logits belong to; set both alphas to 0")
   if not distill_weight and not s.label_weight:
     raise ConfigError("nothing to learn from: set train.distill_weight (with a teacher) or "
                       "train.label_weight")
@@ -319,13 +361,19 @@ def plan_run(s: Settings) -> Plan:
     if s.epochs is None:
       raise ConfigError("set train.epochs or train.train_steps")
     train_steps = max(1, math.ceil(s.epochs * examples_per_epoch / s.global_batch_size))
+  warmup_steps = s.warmup_steps
+  if s.warmup_epochs is not None:
+    if s.warmup_epochs < 0:
+      raise ConfigError(f"train.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    warmup_steps = math.ceil(s.warmup_epochs * examples_per_epoch / s.global_batch_size)
+  ema_start_step = warmup_steps if s.ema_start_step is None else s.ema_start_step
   return Plan(
       settings=s, strategy=strategy, host=host, num_hosts=num_hosts, replicas=replicas,
       host_batch=s.global_batch_size // num_hosts, mixed_precision=mixed_precision,
       distill_weight=distill_weight, datasets=datasets, eval_data=eval_data, infos=infos,
       num_classes=s.num_classes or infos[0].num_classes,
       resolution=s.resolution or infos[0].resolution or models.canonical_resolution(s.model),
-      train_steps=train_steps)
+      train_steps=train_steps, warmup_steps=warmup_steps, ema_start_step=ema_start_step)
 
 
 def check_workdir(workdir: str):
@@ -352,14 +400,17 @@ def build(plan: Plan) -> Run:
   s = plan.settings
   options = pipeline.StreamOptions(
       seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length,
-      supervised_recipe=augment.Recipe("supervised", ra_layers=s.augment_layers,
-                                       ra_magnitude=s.augment_magnitude,
-                                       crop_area=(s.crop_area_min, 1.0), flip=s.flip))
+      supervised_recipe=supervised_recipe(s))
+  batch_mix = None
+  if s.mixup_alpha or s.cutmix_alpha:
+    batch_mix = mg_augment.MixupAndCutmix(
+        num_classes=plan.num_classes, mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha,
+        prob=s.mix_prob, switch_prob=s.mix_switch_prob, label_smoothing=s.mix_label_smoothing)
   train_ds = pipeline.train_dataset(
       plan.infos, resolution=plan.resolution, host_batch=plan.host_batch,
       num_classes=plan.num_classes, weights=s.weights, schedule=s.weight_schedule,
       num_hosts=plan.num_hosts, host=plan.host, shard_policy=s.shard_policy,
-      deterministic=s.deterministic, options=options)
+      deterministic=s.deterministic, options=options, batch_mix=batch_mix)
   with plan.strategy.scope():
     student = models.build(s.model, num_classes=plan.num_classes, resolution=plan.resolution,
                            **(s.model_options or {}))
@@ -369,11 +420,27 @@ def build(plan: Plan) -> Run:
     distiller = Distiller(student, teacher_net, temperature=s.temperature,
                           distill_weight=plan.distill_weight, label_weight=s.label_weight,
                           label_smoothing=s.label_smoothing)
-    optimizer = build_optimizer(s, student, plan.train_steps, plan.mixed_precision)
+    optimizer = build_optimizer(s, student, plan.train_steps, plan.mixed_precision,
+                                warmup_steps=plan.warmup_steps,
+                                ema_start_step=plan.ema_start_step)
   trainer = Trainer(plan.strategy, distiller, optimizer, global_batch=s.global_batch_size,
                     datasets=[info.name for info in plan.infos],
                     l2_regularization=s.l2_regularization)
   return Run(student=student, optimizer=optimizer, trainer=trainer, iterator=iter(train_ds))
+
+
+def supervised_recipe(s: Settings) -> augment.Recipe:
+  """The online augmentation of source-shard datasets: inception crop, RandAugment as the
+  Model Garden's (constants in pixels), flip."""
+  try:
+    return augment.Recipe(
+        "supervised", ra_layers=s.augment_layers, ra_magnitude=s.augment_magnitude,
+        crop_area=(s.crop_area_min, 1.0), flip=s.flip,
+        translate_const=s.augment_translate_const, cutout_const=s.augment_cutout_const,
+        const_resolution=None, prob_to_apply=s.augment_prob_to_apply,
+        exclude_ops=tuple(s.augment_exclude_ops))
+  except ValueError as e:
+    raise ConfigError(f"train.augment_*: {e}") from None
 
 
 def load_teacher(path: str | None, num_classes: int):
@@ -387,13 +454,42 @@ def load_teacher(path: str | None, num_classes: int):
   return teacher
 
 
-def build_optimizer(s: Settings, student, train_steps: int, mixed_precision: str | None):
+class AdamW(keras.optimizers.AdamW):
+  """Keras 3's AdamW whose weight EMA starts at `ema_start_step`.
+
+  The Model Garden's `ExponentialMovingAverage(start_step=k, dynamic_decay=False)` uses decay 0
+  while its step count (the update's, counting from 1) is below k, so the average is a copy of
+  the weights, and `average_decay` from step k on. Keras' own EMA copies on the first update
+  only; here the momentum is 0 until the update that makes the step count reach k. With k = 0
+  this is Keras' EMA exactly. Not serialised to `.keras`: checkpoints hold its variables only.
+  """
+
+  def __init__(self, *args, ema_start_step: int = 0, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.ema_start_step = int(ema_start_step)
+
+  def _update_model_variables_moving_average(self, trainable_variables):
+    if not self.use_ema:
+      return
+    count = self.iterations + 1  # this update's step count (iterations counts finished ones)
+    started = keras.ops.logical_and(keras.ops.greater(count, 1),
+                                    keras.ops.greater_equal(count, self.ema_start_step))
+    for var, average in zip(trainable_variables, self._model_variables_moving_average):
+      if average is None:
+        continue
+      momentum = keras.ops.cast(started, var.dtype) * self.ema_momentum
+      average.assign(momentum * average + (1 - momentum) * var)
+
+
+def build_optimizer(s: Settings, student, train_steps: int, mixed_precision: str | None, *,
+                    warmup_steps: int | None = None, ema_start_step: int = 0):
   """AdamW with warmup + cosine decay, no weight decay on 1-D weights, built for `student`."""
-  optimizer = keras.optimizers.AdamW(
-      learning_rate=_schedule(s.learning_rate, s.warmup_steps, train_steps,
-                              s.end_learning_rate),
+  warmup_steps = s.warmup_steps if warmup_steps is None else warmup_steps
+  optimizer = AdamW(
+      learning_rate=_schedule(s.learning_rate, warmup_steps, train_steps, s.end_learning_rate),
       weight_decay=s.weight_decay, beta_1=s.beta_1, beta_2=s.beta_2, epsilon=s.epsilon,
-      global_clipnorm=s.clipnorm, use_ema=bool(s.ema_decay), ema_momentum=s.ema_decay or 0.99)
+      global_clipnorm=s.clipnorm, use_ema=bool(s.ema_decay), ema_momentum=s.ema_decay or 0.99,
+      ema_start_step=ema_start_step)
   # Decoupled weight decay on kernels only: not on norms, biases or layer scales.
   optimizer.exclude_from_weight_decay(
       var_list=[v for v in student.trainable_variables if len(v.shape) <= 1])

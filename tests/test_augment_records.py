@@ -111,6 +111,84 @@ def test_ops_are_the_model_gardens():
                                atol=1e-6)
 
 
+# ---- RandAugment settings as the Model Garden's (supervised recipes) ---------------------------
+
+def _supervised(**kwargs):
+  return A.Recipe("supervised", ra_layers=2, ra_magnitude=9.0, const_resolution=None, **kwargs)
+
+
+def test_d1_d3_draws_are_unchanged_by_the_new_settings():
+  """Default settings draw what d1/d3 records were built with: 17 uniform choices, all fire."""
+  for name in ("d1", "d3"):
+    rec = A.RECIPES[name]
+    assert rec.translate_const == 100.0 and rec.cutout_const == 40.0
+    assert rec.const_resolution == 224 and rec.prob_to_apply is None and not rec.exclude_ops
+    for replica in range(5):
+      seed = A.key_seed(name, replica, "x")
+      split = tf.random.experimental.stateless_split(seed, 8)
+      old = tf.random.stateless_uniform([2], split[2], 0, len(A.RA_OPS) + 1, dtype=tf.int32)
+      np.testing.assert_array_equal(A.sample(rec, seed, (48, 64, 3))["ra_op"][:2], old)
+
+
+def test_recipe_builds_the_model_gardens_randaugment():
+  rec = _supervised(translate_const=20.0, cutout_const=20.0, prob_to_apply=0.5,
+                    exclude_ops=["Cutout"])
+  ra = rec.randaugment()
+  assert isinstance(ra, mg.RandAugment)
+  assert "Cutout" not in ra.available_ops and len(ra.available_ops) == len(A.RA_OPS) - 1
+  assert (ra.translate_const, ra.cutout_const, ra.prob_to_apply) == (20.0, 20.0, 0.5)
+  with pytest.raises(ValueError, match="Cutoff"):
+    _supervised(exclude_ops=("Cutoff",))
+
+
+def test_excluded_ops_are_never_drawn_and_prob_to_apply_skips_layers():
+  excluded = _supervised(exclude_ops=("Cutout",))
+  ops = np.concatenate([A.sample(excluded, A.key_seed("s", r, "a"), (48, 64, 3))["ra_op"][:2]
+                        for r in range(400)])
+  assert A.RA_OPS.index("Cutout") not in ops
+  assert set(ops) == set(range(A.IDENTITY_OP + 1)) - {A.RA_OPS.index("Cutout")}
+  # prob_to_apply 0.5: about half the layers are the identity (1/16 of them drawn as such).
+  half = _supervised(exclude_ops=("Cutout",), prob_to_apply=0.5)
+  ops = np.concatenate([A.sample(half, A.key_seed("s", r, "a"), (48, 64, 3))["ra_op"][:2]
+                        for r in range(400)])
+  share = np.mean(ops == A.IDENTITY_OP)
+  assert abs(share - (0.5 + 0.5 / 16)) < 0.06, share
+  never = _supervised(prob_to_apply=0.0)
+  assert np.all(A.sample(never, A.key_seed("s", 0, "a"), (48, 64, 3))["ra_op"] == A.IDENTITY_OP)
+
+
+def test_translate_is_in_pixels_for_the_supervised_recipe_and_scaled_for_d1():
+  """Magnitude 10 shifts by translate_const pixels at any resolution (the Model Garden's
+  level-to-argument map); d1 keeps its 100 px at 224, scaled to the output size."""
+  image = _textured(64, 64)
+  translate = A.RA_OPS.index("TranslateX")
+  params = _with_op(A.IDENTITY_OP)
+  params["crop"] = tf.constant([0, 0, 64, 64], tf.int32)
+  base = tf.cast(tf.round((A.apply(image, params, 64) + 1.0) * 127.5), tf.uint8)
+  params = _with_op(translate, sign=1.0)
+  params["crop"] = tf.constant([0, 0, 64, 64], tf.int32)
+  params["ra_magnitude"] = tf.constant([10.0, 0.0, 0.0])
+  for recipe, pixels in [(_supervised(translate_const=20.0), 20.0),
+                         (A.RECIPES["d1"], 100.0 * 64 / 224)]:
+    out = A.apply(image, params, 64, constants=recipe.ra_constants(64))
+    want = mg.translate_x(base, pixels, [128, 128, 128])
+    np.testing.assert_allclose(out.numpy(), tf.cast(want, tf.float32) / 127.5 - 1.0, atol=1e-6)
+  # No constants given: d1's (what records made before this setting meant).
+  np.testing.assert_array_equal(
+      A.apply(image, params, 64), A.apply(image, params, 64, A.RECIPES["d1"].ra_constants(64)))
+
+
+def test_recipe_settings_round_trip_through_a_manifest_dict():
+  import dataclasses
+  import json
+  rec = _supervised(exclude_ops=("Cutout",), prob_to_apply=0.7, translate_const=10.0)
+  again = A.Recipe.from_settings(json.loads(json.dumps(dataclasses.asdict(rec))))
+  assert again == rec
+  # An older manifest without the fields means the defaults d1/d3 were built with.
+  assert A.Recipe.from_settings({"name": "d1", "ra_layers": 2, "ra_magnitude": 9.0}) == \
+      A.Recipe("d1", ra_layers=2, ra_magnitude=9.0)
+
+
 def test_mixup_blends_with_the_partner_by_the_recorded_ratio():
   image, partner = _textured(seed=1), _textured(seed=2)
   p = _params("d2")

@@ -230,12 +230,30 @@ def test_drop_path_is_identity_at_inference_and_random_in_training():
   assert not np.allclose(model(x, training=True), model(x, training=True))
 
 
-def test_linear_drop_path_schedule_ramps_with_depth():
-  model = models.build("conv_m", num_classes=4, width=0.25, drop_path_rate=0.2,
+@pytest.mark.parametrize("name,model_id", [("conv_m", "MobileNetV4ConvMedium"),
+                                           ("hybrid_m", "MobileNetV4HybridMedium")])
+def test_linear_drop_path_rates_are_the_model_gardens(name, model_id):
+  """rate * (i + 1) / n over the Model Garden's block list (stem and head included)."""
+  from official.vision.modeling.backbones import mobilenet as mg
+  from official.vision.modeling.layers import nn_layers
+  mg_blocks = mg.SUPPORTED_SPECS_MAP[model_id]["block_specs"]
+  model = models.build(name, num_classes=4, width=0.25, drop_path_rate=0.2,
                        drop_path_schedule="linear")
-  rates = [l.drop_path_rate for l in model.layers if hasattr(l, "drop_path_rate")]
-  assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
-  assert rates == sorted(rates)
+  spec = specs.get_spec(name)
+  ours = [model.get_layer(f"stage{i}_block{j}") for i, stage in enumerate(spec.stages)
+          for j in range(len(stage))]
+  assert len(mg_blocks) == len(ours) + 4  # + stem, last 1x1 conv, pooling, head conv
+  checked = 0
+  for index, layer in enumerate(ours):
+    block_fn = mg_blocks[index + 1][0]
+    if block_fn == "convbn":  # no residual branch, no rate
+      assert not hasattr(layer, "drop_path_rate")
+      continue
+    want = 0.2 if block_fn == "mhsa" else nn_layers.get_stochastic_depth_rate(
+        0.2, index + 2, len(mg_blocks))
+    assert layer.drop_path_rate == pytest.approx(want), (layer.name, block_fn)
+    checked += 1
+  assert checked >= 20
 
 
 def test_hybrid_l_uses_exact_gelu_everywhere():

@@ -113,6 +113,24 @@ def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
   assert float(out[2]) < 0.7 * float(out[1])
 
 
+def test_soft_label_loss_equals_numpy_and_one_hot_targets_give_the_label_loss():
+  from mnv4_train.kd import soft_label_loss
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 6)).astype("float32")
+  targets = rng.dirichlet(np.ones(6), size=4).astype("float32")
+  want = -(targets * _np_log_softmax(logits)).sum(-1)
+  np.testing.assert_allclose(soft_label_loss(logits, targets), want, rtol=1e-5)
+  labels = np.array([0, 5, 2, 2])
+  np.testing.assert_allclose(soft_label_loss(logits, np.eye(6, dtype="float32")[labels]),
+                             label_loss(logits, labels, 6), rtol=1e-5)
+  # The Distiller takes a mixed batch's `targets` over its `label`.
+  student = models.build("conv_s", num_classes=6, width=0.25)
+  distiller = Distiller(student, distill_weight=0.0, label_weight=1.0, label_smoothing=0.1)
+  y = {"label": labels, "targets": targets}
+  got = distiller.per_example_losses(None, y, logits)["ce"]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 # ---- the input pipeline -----------------------------------------------------------------------
 
 def test_replayed_pixels_give_the_teachers_stored_logits(distill_records, teacher_path):
@@ -171,6 +189,40 @@ def test_the_stream_is_a_function_of_the_seed(source_shards):
   assert len(first) == 300
 
 
+def test_batch_mixup_cutmix_gives_soft_targets_that_the_loss_takes(source_shards):
+  """The Model Garden's MixupAndCutmix on each batch: mixed images, soft targets."""
+  from official.vision.ops import augment as mg
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  opts = pipeline.StreamOptions(supervised_recipe=pipeline.augment.Recipe("plain"))
+  tf.random.set_seed(1)
+  mixer = mg.MixupAndCutmix(num_classes=10, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
+                            switch_prob=0.5, label_smoothing=0.1)
+  plain = pipeline.train_dataset([spec], resolution=16, host_batch=16, num_classes=10,
+                                 options=opts)
+  mixed = pipeline.train_dataset([spec], resolution=16, host_batch=16, num_classes=10,
+                                 options=opts, batch_mix=mixer)
+  for a, b in zip(plain.take(3), mixed.take(3)):
+    targets = b["targets"].numpy()
+    assert targets.shape == (16, 10)
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(a["label"], b["label"])  # labels kept for statistics
+    assert not np.allclose(a["image"], b["image"])         # the pixels were mixed
+    # Soft: every row mixes two labels (its own and the reversed batch's), beyond smoothing.
+    big = (targets > 0.1 / 10 + 1e-6).sum(-1)
+    assert np.all(big[b["label"].numpy() != b["label"].numpy()[::-1]] == 2)
+    # Its own label keeps the largest share or the partner's does: both are there.
+    own = targets[np.arange(16), b["label"].numpy()]
+    partner = targets[np.arange(16), b["label"].numpy()[::-1]]
+    assert np.all(own + partner > 0.9 - 1e-5)
+  # The loss takes the soft targets: cross-entropy against them, not against the labels.
+  student = models.build("conv_s", num_classes=10, width=0.25)
+  distiller = Distiller(student, distill_weight=0.0, label_weight=1.0)
+  logits = np.random.default_rng(0).normal(size=(16, 10)).astype("float32")
+  soft = distiller.per_example_losses(b["image"], b, logits)["ce"].numpy()
+  np.testing.assert_allclose(soft, -(targets * _np_log_softmax(logits)).sum(-1), rtol=1e-5)
+  assert not np.allclose(soft, label_loss(logits, b["label"], 10).numpy())
+
+
 # ---- runs through the CLI ---------------------------------------------------------------------
 
 def _main(workdir, *bindings, gin_file="smoke.gin", env=None, check=True, flags=()):
@@ -206,7 +258,28 @@ def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, dist
   assert "step 3" in again.stdout and len(_history(work)) == 3
 
 
-# Library chatter the default console must not show: gin's include probes, absl-formatted
+def test_a_label_only_run_with_mixup_warmup_epochs_and_ema_trains_and_resumes(source_shards,
+                                                                             tmp_path):
+  work = str(tmp_path / "mix")
+  bindings = [f"train.datasets={{'a': '{source_shards[0]}'}}", "train.teacher='none'",
+              "train.distill_weight=0.0", "train.label_weight=1.0", "train.mixup_alpha=0.8",
+              "train.cutmix_alpha=1.0", "train.mix_prob=1.0", "train.warmup_epochs=0.08",
+              "train.ema_decay=0.9", "train.augment_exclude_ops=['Cutout']",
+              "train.augment_prob_to_apply=0.5"]
+  _main(work, *bindings, "train.stop_after_steps=2", "train.checkpoint_every=2")
+  _main(work, *bindings)
+  metrics = json.load(open(os.path.join(work, "metrics.json")))
+  assert metrics["finished"] and metrics["step"] == 3
+  assert all(np.isfinite(h["loss"]) for h in _history(work))
+  # warmup_epochs 0.08 of 200 images at batch 8: 2 steps; the lr peaks at step 2.
+  rates = [h["learning_rate"] for h in _history(work)]
+  assert rates[0] < rates[1] and rates[1] == pytest.approx(0.001, rel=1e-3)
+  # Mixup is for label-only runs: with a teacher it stops with one line.
+  proc = _main(str(tmp_path / "bad"), *bindings[:1], "train.mixup_alpha=0.8", check=False)
+  assert proc.returncode == 2 and "label-only" in proc.stderr
+
+
+# Library chatter the default console must not show# Library chatter the default console must not show: gin's include probes, absl-formatted
 # INFO lines (TensorFlow's, absl's, ours in --verbose) and Python's default format.
 CHATTER = re.compile(r"resource_reader|Path not found|^I\d{4} |^INFO:|functional_saver",
                      re.MULTILINE)
@@ -384,6 +457,44 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp
   assert line.endswith("check the teacher logits") and "ckpt-2" in line
   kept = sorted(f for f in os.listdir(os.path.join(nan, "checkpoints")) if f.endswith(".index"))
   assert kept == ["ckpt-2.index"]
+
+
+def test_recipes_regularise_as_the_paper_and_the_model_garden():
+  """Distillation: dropout only (Appendix H), per-variant warmup; supervised: the yamls'."""
+  import gin
+  from mnv4_train import main, train  # noqa: F401  registers `train`
+
+  def query(name, *keys):
+    gin.clear_config()
+    gin.add_config_file_search_path(main.GIN_DIR)
+    gin.parse_config_file(main.resolve_gin_file(name))
+    return {k: gin.query_parameter(f"train.{k}") for k in keys}
+  warmup = {"conv_s": 5.0, "conv_m": 5.0, "conv_l": 20.0, "hybrid_m": 20.0, "hybrid_l": 20.0}
+  for model, epochs in warmup.items():
+    got = query(f"{model}_distill.gin", "model_options", "warmup_epochs", "epochs",
+                "ema_start_step")
+    assert set(got["model_options"]) - {"bn_momentum", "bn_epsilon"} == {"dropout"}, model
+    assert got["warmup_epochs"] == epochs and got["epochs"] == 2000
+    assert got["ema_start_step"] is None  # the warmup's end
+  yamls = {  # imagenet_mobilenetv4_*_tpu.yaml + common.py defaults
+      "conv_s": (9.0, 20.0, 20.0, 0.5, 0.0), "conv_m": (15.0, 10.0, 20.0, 0.7, 0.0),
+      "conv_l": (15.0, 10.0, 40.0, None, 0.2), "hybrid_m": (15.0, 10.0, 20.0, 0.7, 0.0),
+      "hybrid_l": (15.0, 10.0, 40.0, None, 0.3)}
+  keys = ("augment_magnitude", "augment_translate_const", "augment_cutout_const",
+          "augment_prob_to_apply")
+  for model, want in yamls.items():
+    got = query(f"{model}_imagenet.gin", *keys, "augment_exclude_ops")
+    assert tuple(got[k] for k in keys) == want[:4], model
+    assert list(got["augment_exclude_ops"]) == ["Cutout"]
+    gin.clear_config()
+    gin.add_config_file_search_path(main.GIN_DIR)
+    gin.parse_config_file(main.resolve_gin_file(f"{model}_imagenet.gin"))
+    try:
+      mix = gin.query_parameter("train.mix_prob")
+    except ValueError:
+      mix = 0.0
+    assert mix == want[4], model
+  gin.clear_config()
 
 
 def test_every_gin_file_parses_and_sets_a_known_model():

@@ -172,11 +172,14 @@ GIN_SURFACE = {
     "eval_data": None, "data_root": None, "model_options": None, "num_classes": None,
     "resolution": None, "teacher": "records", "teacher_model": None, "temperature": 1.0,
     "distill_weight": 1.0, "label_weight": 0.0, "label_smoothing": 0.0, "augment_layers": 2,
-    "augment_magnitude": 9.0, "crop_area_min": 0.08, "flip": True, "global_batch_size": 256,
+    "augment_magnitude": 9.0, "augment_translate_const": 10.0, "augment_cutout_const": 40.0,
+    "augment_prob_to_apply": None, "augment_exclude_ops": (), "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_label_smoothing": 0.1,
+    "crop_area_min": 0.08, "flip": True, "global_batch_size": 256,
     "epochs": None, "train_steps": None, "examples_per_epoch": None, "learning_rate": 0.004,
-    "warmup_steps": 1560, "end_learning_rate": 0.0, "weight_decay": 0.1, "beta_1": 0.9,
+    "warmup_steps": 1560, "warmup_epochs": None, "end_learning_rate": 0.0, "weight_decay": 0.1, "beta_1": 0.9,
     "beta_2": 0.999, "epsilon": 1e-7, "clipnorm": None, "l2_regularization": 0.0,
-    "ema_decay": None, "distribution": "cpu", "tpu": "local", "cpu_replicas": 1,
+    "ema_decay": None, "ema_start_step": None, "distribution": "cpu", "tpu": "local", "cpu_replicas": 1,
     "mixed_precision": "auto", "steps_per_loop": 100, "log_every": 100,
     "checkpoint_every": 1000, "eval_every": None, "keep_checkpoints": 3,
     "eval_batch_size": 256, "eval_crop": 0.875, "seed": 0, "deterministic": True,
@@ -194,3 +197,66 @@ def test_the_gin_entry_point_keeps_every_argument_and_default():
   assert got == GIN_SURFACE
   # `Settings` carries every argument by name into the parts.
   assert [f.name for f in train.dataclasses.fields(train.Settings)] == list(params)
+
+
+# ---- optimizer: EMA start, extra L2 -----------------------------------------------------------
+
+def test_ema_follows_the_weights_until_its_start_step_then_averages():
+  """The Model Garden's ExponentialMovingAverage(start_step=3, dynamic_decay=False)."""
+  var = keras.Variable(np.zeros(2, "float32"))
+  opt = train.AdamW(learning_rate=0.1, weight_decay=0.0, use_ema=True, ema_momentum=0.9,
+                    ema_start_step=3)
+  opt.build([var])
+  average = opt._model_variables_moving_average[0]  # pylint: disable=protected-access
+  expected = None
+  for step in range(1, 7):
+    opt.apply_gradients([(tf.constant([1.0, -1.0]), var)])
+    weights = var.numpy()
+    if step < 3:  # decay 0 while the step count is below start_step: a copy of the weights
+      np.testing.assert_allclose(average.numpy(), weights, rtol=1e-6)
+      expected = weights
+    else:         # from start_step on: average_decay
+      expected = 0.9 * expected + 0.1 * weights
+      np.testing.assert_allclose(average.numpy(), expected, rtol=1e-5)
+      assert not np.allclose(average.numpy(), weights)
+  # start_step 0 is Keras' own EMA (a copy on the first update only).
+  var2 = keras.Variable(np.zeros(2, "float32"))
+  ref = keras.optimizers.AdamW(learning_rate=0.1, weight_decay=0.0, use_ema=True,
+                               ema_momentum=0.9)
+  ours = train.AdamW(learning_rate=0.1, weight_decay=0.0, use_ema=True, ema_momentum=0.9)
+  var3 = keras.Variable(np.zeros(2, "float32"))
+  ref.build([var2])
+  ours.build([var3])
+  for _ in range(4):
+    ref.apply_gradients([(tf.constant([1.0, -1.0]), var2)])
+    ours.apply_gradients([(tf.constant([1.0, -1.0]), var3)])
+  np.testing.assert_allclose(ours._model_variables_moving_average[0].numpy(),  # pylint: disable=protected-access
+                             ref._model_variables_moving_average[0].numpy(), rtol=1e-6)  # pylint: disable=protected-access
+
+
+def test_extra_l2_skips_depthwise_kernels():
+  from mnv4_train import models
+  from mnv4_train.training.trainer import l2_variables
+  student = models.build("conv_s", num_classes=4, width=0.25)
+  depthwise = [l.kernel for l in student._flatten_layers()  # pylint: disable=protected-access
+               if isinstance(l, keras.layers.DepthwiseConv2D)]
+  assert depthwise
+  covered = l2_variables(student)
+  assert not {id(v) for v in covered} & {id(v) for v in depthwise}
+  kernels = [v for v in student.trainable_variables if len(v.shape) > 1]
+  assert len(covered) == len(kernels) - len(depthwise)
+  assert any(v is student.get_layer("logits").kernel for v in covered)
+
+
+def test_warmup_epochs_become_steps_and_the_ema_starts_at_the_warmup_end(source_shards,
+                                                                         tmp_path):
+  params = inspect.signature(train.train).parameters
+  base = {name: (None if p.default is inspect.Parameter.empty else p.default)
+          for name, p in params.items()}
+  base.update(workdir=str(tmp_path), model="conv_s", datasets={"a": source_shards[0]},
+              teacher="none", label_weight=1.0, global_batch_size=8, epochs=10.0)
+  plan = train.plan_run(train.Settings(**{**base, "warmup_epochs": 0.5}))
+  assert plan.train_steps == 250 and plan.warmup_steps == 13  # ceil(0.5 * 200 / 8)
+  assert plan.ema_start_step == 13
+  plan = train.plan_run(train.Settings(**{**base, "warmup_steps": 7, "ema_start_step": 4}))
+  assert plan.warmup_steps == 7 and plan.ema_start_step == 4

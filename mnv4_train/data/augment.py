@@ -13,8 +13,18 @@ op functions are called with explicit arguments, using the Model Garden's level-
 formulas. `apply` is pure TensorFlow: it runs eagerly, inside `tf.function` and inside tf.data.
 
 Conventions: `decode` gives uint8 HWC RGB; `apply` returns float32 [res, res, 3] in [-1, 1].
-The Model Garden's translate (100 px) and cutout (40 px) constants are for 224 px images; they
-scale with the output resolution here, so a recipe means the same thing at 32 px and at 384 px.
+
+RandAugment's settings are the Model Garden's `RandAugment` arguments, held by `Recipe`:
+`translate_const` and `cutout_const` (the pixel shift and cutout half-size at the top level),
+`prob_to_apply` (each layer fires with this probability; a layer that does not fire is
+recorded as the identity op, so replay needs nothing more) and `exclude_ops` (ops never drawn).
+`Recipe.randaugment()` builds the Model Garden's `RandAugment` from them, and sampling draws
+from its op list. Where the constants apply: `const_resolution=None` takes them in pixels at any
+resolution, as the Model Garden applies them (the supervised recipes); a resolution (224 for the
+distillation recipes d1/d2/d3) scales them with the output size, so a recipe means the same at
+32 px and at 384 px. The distillation recipes keep the Model Garden's class defaults (translate
+100, cutout 40, scaled from 224 px; no exclusions; every layer fires): what their records were
+built with, and what a manifest without these fields means.
 """
 
 from __future__ import annotations
@@ -48,10 +58,47 @@ class Recipe:
   crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
   flip: bool = True
   replicas: int = 1                 # the paper's replica count (a job may build fewer)
+  # RandAugment as the Model Garden's `RandAugment` arguments (module docstring); the defaults
+  # are its class defaults, scaled from 224 px.
+  translate_const: float = 100.0
+  cutout_const: float = 40.0
+  const_resolution: int | None = 224  # None: the constants are pixels at any resolution
+  prob_to_apply: float | None = None  # None: every layer fires
+  exclude_ops: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not 0 <= self.ra_layers <= MAX_RA_LAYERS:
       raise ValueError(f"{self.name}: ra_layers must be in [0, {MAX_RA_LAYERS}]")
+    object.__setattr__(self, "exclude_ops", tuple(self.exclude_ops))
+    unknown = sorted(set(self.exclude_ops) - set(RA_OPS))
+    if unknown:
+      raise ValueError(f"{self.name}: exclude_ops {unknown} are not RandAugment ops {RA_OPS}")
+    if self.prob_to_apply is not None and not 0 <= self.prob_to_apply <= 1:
+      raise ValueError(f"{self.name}: prob_to_apply must be in [0, 1] or None")
+
+  def randaugment(self) -> mg.RandAugment:
+    """The Model Garden's `RandAugment` with this recipe's settings (constants in pixels at
+    `const_resolution`). Its `distort` draws from the stateful RNG, so `sample` draws the same
+    choices from a key instead, over its `available_ops`."""
+    return mg.RandAugment(num_layers=self.ra_layers, magnitude=self.ra_magnitude,
+                          cutout_const=self.cutout_const, translate_const=self.translate_const,
+                          prob_to_apply=self.prob_to_apply, exclude_ops=list(self.exclude_ops))
+
+  def ra_constants(self, resolution: int) -> tuple[float, float, float]:
+    """(translate_const, cutout_const, scale) for `apply` at `resolution`."""
+    scale = resolution / self.const_resolution if self.const_resolution else 1.0
+    return (float(self.translate_const), float(self.cutout_const), float(scale))
+
+  @classmethod
+  def from_settings(cls, settings: dict) -> "Recipe":
+    """A recipe from its recorded settings (a distill manifest's `recipe_settings`); fields a
+    manifest lacks take the defaults, which are what older jobs built with."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in settings.items() if k in known}
+    for key in ("crop_area", "crop_aspect", "exclude_ops"):
+      if key in values:
+        values[key] = tuple(values[key])
+    return cls(**values)
 
 
 # D1: inception crop + RandAugment l2m9, 500 replicas. D2: inception crop + extreme mixup (ratio
@@ -132,7 +179,16 @@ def sample(recipe: Recipe, seed: tf.Tensor, image_shape, partner_shape=None) -> 
   seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 8)
   n = recipe.ra_layers
   pad = MAX_RA_LAYERS - n
-  ops = tf.random.stateless_uniform([n], seeds[2], 0, len(RA_OPS) + 1, dtype=tf.int32)
+  # As the Model Garden's RandAugment: one of its available ops or the identity, uniformly.
+  available = [RA_OPS.index(name) for name in recipe.randaugment().available_ops]
+  ops = tf.random.stateless_uniform([n], seeds[2], 0, len(available) + 1, dtype=tf.int32)
+  if len(available) < len(RA_OPS):
+    ops = tf.gather(tf.constant(available + [IDENTITY_OP], tf.int32), ops)
+  if recipe.prob_to_apply is not None:
+    # A layer that does not fire leaves the image alone: recorded as the identity op.
+    fires = tf.random.stateless_uniform(
+        [n], tf.random.experimental.stateless_fold_in(seeds[2], 1)) < recipe.prob_to_apply
+    ops = tf.where(fires, ops, IDENTITY_OP)
   signs = tf.where(tf.random.stateless_uniform([n], seeds[3]) < 0.5, -1.0, 1.0)
   cutout = tf.random.stateless_uniform([n, 2], seeds[4])
   params = {
@@ -166,13 +222,15 @@ def _crop_resize_flip(image, crop, flip, resolution):
   return tf.cond(flip > 0, lambda: tf.image.flip_left_right(image), lambda: image)
 
 
-def _ra_branches(image, magnitude, sign, cutout, resolution):
+def _ra_branches(image, magnitude, sign, cutout, resolution, constants):
   """One callable per RA_OPS entry (+ identity), with the Model Garden's level-to-arg maps."""
+  translate_const, cutout_const, scale = constants[0], constants[1], constants[2]
   level = magnitude / _MAX_LEVEL
-  scale = resolution / 224.0
   enhance = level * 1.8 + 0.1
-  translate = level * 100.0 * scale * sign
-  cutout_half = tf.cast(level * 40.0 * scale, tf.int32)
+  # level * const * scale in this order: the records of d1/d3 were made with 100.0 and 40.0
+  # in these places, and a reordered float product can move a pixel.
+  translate = level * translate_const * scale * sign
+  cutout_half = tf.cast(level * cutout_const * scale, tf.int32)
   size = tf.cast(resolution, tf.float32)
   cy = tf.cast(cutout[0] * size, tf.int32)
   cx = tf.cast(cutout[1] * size, tf.int32)
@@ -199,23 +257,28 @@ def _ra_branches(image, magnitude, sign, cutout, resolution):
   return [table[name] for name in RA_OPS] + [lambda: tf.identity(image)]
 
 
-def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None):
+def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None,
+          constants=None):
   """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
 
   `partner` is the decoded mixup partner (recipes with mixup); without it, or with a mix ratio
-  of 1, the mix is skipped.
+  of 1, the mix is skipped. `constants` is the recipe's `ra_constants(resolution)` (a tuple or a
+  float32 [3] tensor; default: the distillation recipes' constants).
   Run it eagerly or inside a tf.data map, as the Beam job and the trainer do (a `tf.function`
   passed to `map` runs in the tf.data runtime and gives the same pixels, and is traced once):
   a `tf.function` called on its own has its graph optimised, which may reorder float
   arithmetic, and the Model Garden's ops truncate floats to uint8, so a pixel can come out one
   grey level off.
   """
+  if constants is None:
+    constants = Recipe("default").ra_constants(resolution)
+  constants = tf.cast(constants, tf.float32)
   out = _crop_resize_flip(image, params["crop"], params["flip"], resolution)
   for i in range(MAX_RA_LAYERS):
     out = tf.switch_case(
         params["ra_op"][i],
         _ra_branches(out, params["ra_magnitude"][i], params["ra_sign"][i],
-                     params["ra_cutout"][i], resolution))
+                     params["ra_cutout"][i], resolution, constants))
     out.set_shape([resolution, resolution, 3])
   out = tf.cast(out, tf.float32)
   if partner is not None:

@@ -62,6 +62,9 @@ class DatasetInfo:
   resolution: int | None = None      # the resolution the teacher saw (distill)
   top_k: int = 0
   recipe: str = ""
+  # The records' augmentation recipe as the Beam job built it (manifest `recipe_settings`):
+  # replay needs its RandAugment constants.
+  recipe_settings: augment.Recipe | None = None
 
 
 def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
@@ -88,7 +91,9 @@ def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
                        num_examples=int(manifest.num_records),
                        epoch_examples=max(1, int(manifest.num_records) // int(manifest.replicas)),
                        resolution=int(manifest.resolution), top_k=int(manifest.top_k),
-                       recipe=manifest.recipe)
+                       recipe=manifest.recipe,
+                       recipe_settings=augment.Recipe.from_settings(
+                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}))
   pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
                 for s in manifest.shards if s.count)
   return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
@@ -145,9 +150,13 @@ class StreamOptions:
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
 
 
-def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOptions, pairs):
+def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOptions, pairs,
+            resolution: int):
   """Infinite stream of one dataset's light elements, epoch after epoch."""
   count = len(pairs)
+  recipe = (dataset.recipe_settings or augment.Recipe(dataset.recipe or "records")
+            if dataset.kind == "distill" else opts.supervised_recipe)
+  constants = tf.constant(recipe.ra_constants(resolution), tf.float32)
   # Source-shard datasets have no record files: "" fills the tensor, and source_pair ignores it.
   rec_files = tf.constant([p.record_file or "" for p in pairs])
   rec_counts = tf.constant([p.record_count for p in pairs], tf.int64)
@@ -173,13 +182,12 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
       return {"image": table["encoded"][at], "partner": table["encoded"][partner],
               "params": ex["params"], "label": table["label"][at],
               "teacher": _dense_teacher(ex, num_classes),
-              "dataset": tf.constant(index, tf.int32)}
+              "dataset": tf.constant(index, tf.int32), "ra_constants": constants}
     return _permuted(rec_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(attach)
 
   def source_pair(epoch, k, rec_file, rec_count, src_file, src_count):
     del rec_file, rec_count
     table = _source_table(src_file, src_count)
-    recipe = opts.supervised_recipe
 
     def draw(j):
       key = tf.random.experimental.stateless_fold_in(
@@ -189,7 +197,7 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
       return {"image": table["encoded"][j], "partner": table["encoded"][j],
               "params": augment.sample(recipe, key, shape), "label": table["label"][j],
               "teacher": tf.zeros([num_classes], tf.float32),
-              "dataset": tf.constant(index, tf.int32)}
+              "dataset": tf.constant(index, tf.int32), "ra_constants": constants}
     return _permuted(src_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(draw)
 
   make_pair = distill_pair if dataset.kind == "distill" else source_pair
@@ -254,7 +262,7 @@ def replay(element, resolution: int):
   image = augment.decode(element["image"])
   partner = tf.cond(params["mix_ratio"] < 1.0, lambda: augment.decode(element["partner"]),
                     lambda: tf.zeros([1, 1, 3], tf.uint8))
-  pixels = augment.apply(image, params, resolution, partner)
+  pixels = augment.apply(image, params, resolution, partner, constants=element["ra_constants"])
   return {"image": pixels, "label": element["label"], "teacher": element["teacher"],
           "dataset": element["dataset"]}
 
@@ -267,11 +275,26 @@ def _options(deterministic: bool):
   return options
 
 
+def mix_batch(batch, batch_mix):
+  """A batch through the Model Garden's `MixupAndCutmix`: images mixed (or cut and pasted)
+  with the reversed batch, and `targets`, the soft labels ([batch, classes], smoothed by the
+  mixer's `label_smoothing` and mixed with the images' ratios; the batch's labels stay for the
+  top-1 statistics)."""
+  images, targets = batch_mix(batch["image"], batch["label"])
+  return {**batch, "image": images, "targets": targets}
+
+
 def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: int,
                   weights=None, schedule=None, num_hosts: int = 1, host: int = 0,
                   shard_policy: str = "auto", deterministic: bool = True,
-                  options: StreamOptions = StreamOptions()):
-  """The training input of one host: batches of {image, label, teacher, dataset}."""
+                  options: StreamOptions = StreamOptions(), batch_mix=None):
+  """The training input of one host: batches of {image, label, teacher, dataset}.
+
+  `batch_mix`, an `official.vision.ops.augment.MixupAndCutmix`, mixes each batch and adds
+  its soft labels as `targets` (label-only training: it would break the pixels a teacher's
+  stored logits belong to). It draws from TensorFlow's stateful RNG, as the Model Garden does:
+  a seeded run repeats, but a resumed one draws other mixes from there on.
+  """
   names = [d.name for d in datasets]
   boundaries, table = normalise_schedule(names, weights, schedule)
   for d in datasets:
@@ -291,15 +314,17 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
                       "per host); use shard_policy='data'")
   per_host = shard_policy == "files" and num_hosts > 1
   streams = [_stream(d, i, num_classes, options,
-                     d.pairs[host::num_hosts] if per_host else d.pairs)
+                     d.pairs[host::num_hosts] if per_host else d.pairs, resolution)
              for i, d in enumerate(datasets)]
   step_examples = host_batch if per_host else host_batch * num_hosts
   ds = mix(streams, boundaries, table, step_examples, options.seed)
   if shard_policy == "data" and num_hosts > 1:
     ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
   ds = (ds.map(lambda e: replay(e, resolution), num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(host_batch, drop_remainder=True)
-        .prefetch(tf.data.AUTOTUNE))
+        .batch(host_batch, drop_remainder=True))
+  if batch_mix is not None:
+    ds = ds.map(lambda b: mix_batch(b, batch_mix))  # sequential: the RNG draws stay in order
+  ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(_options(deterministic))
 
 

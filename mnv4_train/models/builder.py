@@ -77,7 +77,8 @@ def build(
     resolution: fixed input size; None (default) builds a model that takes any size.
     dropout: dropout before the classifier.
     drop_path_rate: stochastic depth on residual blocks. "flat" applies the same rate to every
-      block (the Model Garden default); "linear" ramps it from 0 to the rate with depth.
+      block (the Model Garden default); "linear" ramps it with depth as the Model Garden does
+      (`block_drop_path_rate`).
     bn_momentum, bn_epsilon: BatchNorm settings (defaults: the Model Garden MNv4 recipes; timm
       weights use epsilon 1e-5, short local runs want momentum ~0.9).
     padding: "same" (TensorFlow/Model Garden) or "symmetric" (timm/PyTorch).
@@ -111,9 +112,7 @@ def build(
   index = 0
   for stage_id, stage in enumerate(spec.stages):
     for block_id, block in enumerate(stage):
-      rate = drop_path_rate
-      if drop_path_schedule == "linear":
-        rate = drop_path_rate * index / max(len(blocks) - 1, 1)
+      rate = block_drop_path_rate(block, index, len(blocks), drop_path_rate, drop_path_schedule)
       index += 1
       block_name = f"stage{stage_id}_block{block_id}"
       x = L.block_layer(block, filters=out(block_name, block.filters), layer_scale=layer_scale,
@@ -127,6 +126,22 @@ def build(
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
   outputs = keras.layers.Dense(num_classes, name="logits", dtype="float32")(x)
   return keras.Model(inputs, outputs, name=model_name or f"mnv4_{name}")
+
+
+def block_drop_path_rate(block, index: int, num_blocks: int, rate: float,
+                         schedule: str) -> float:
+  """The stochastic-depth rate of the `index`-th of `num_blocks` stage blocks.
+
+  As the Model Garden's MobileNet backbone: "flat" gives every block `rate`; "linear" gives
+  `rate * (i + 1) / n` (`nn_layers.get_stochastic_depth_rate`), where i is the block's position
+  in the Model Garden's block list and n that list's length. Its list also holds the stem
+  (before the stage blocks) and the last 1x1 conv, the global pooling and the head conv (after
+  them), so i = index + 1 and n = num_blocks + 4: the last stage block gets rate * (n - 3) / n,
+  never the full rate. Its attention (MQA) blocks take the flat `rate` under either schedule.
+  """
+  if schedule == "flat" or isinstance(block, S.MQA):
+    return rate
+  return rate * (index + 2) / (num_blocks + 4)
 
 
 def _input_norm(spec, source_normalization) -> keras.layers.Layer:

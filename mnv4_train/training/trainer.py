@@ -9,12 +9,26 @@ gradients. Statistics come back as named sums (`mnv4_train.training.stats`).
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from mnv4_train.kd import Distiller
 from mnv4_train.training import stats
 from mnv4_train.training.strategy import host_info
+
+
+def l2_variables(student) -> list:
+  """The weights the extra L2 loss covers: every trainable kernel but the depthwise ones.
+
+  As the Model Garden's MobileNet backbone with `regularize_depthwise=False` (its default, and
+  the MNv4 recipes'): its kernel regularizer is set on the regular and pointwise convs and the
+  classifier, never on depthwise kernels; norms, biases and layer scales (1-D) are left alone.
+  """
+  depthwise = {id(layer.kernel) for layer in student._flatten_layers()  # pylint: disable=protected-access
+               if isinstance(layer, keras.layers.DepthwiseConv2D)}
+  return [v for v in student.trainable_variables
+          if len(v.shape) > 1 and id(v) not in depthwise]
 
 
 class Trainer:
@@ -30,6 +44,7 @@ class Trainer:
     self.datasets = list(datasets)
     self.stat_names = stats.names(self.datasets)
     self.l2 = l2_regularization
+    self.l2_variables = l2_variables(self.student) if l2_regularization else []
     self.host, self.num_hosts, self.local_replicas = host_info(strategy)
     self.replica_batch = global_batch // strategy.num_replicas_in_sync
     self.has_teacher = distiller.distill_weight > 0
@@ -61,8 +76,7 @@ class Trainer:
       loss = tf.reduce_sum(losses["loss"]) / self.global_batch
       extra = list(self.student.losses)
       if self.l2:
-        extra.append(self.l2 * tf.add_n([tf.nn.l2_loss(v) for v in self.student.trainable_variables
-                                         if len(v.shape) > 1]))
+        extra.append(self.l2 * tf.add_n([tf.nn.l2_loss(v) for v in self.l2_variables]))
       if extra:
         loss += tf.add_n(extra) / self.strategy.num_replicas_in_sync
       scaled = self.optimizer.scale_loss(loss)
