@@ -117,9 +117,13 @@ def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
 # ---- the input pipeline -----------------------------------------------------------------------
 
 def test_replayed_pixels_give_the_teachers_stored_logits(distill_records, teacher_path):
-  """Trainer input (D1 full logits + D2 top-3, mixed): the teacher on the replayed pixels."""
+  """Trainer input (D1 full logits + D2 top-3, mixed): the teacher on the replayed pixels.
+
+  D1 went through the JPEG round trip before the teacher and D2 did not: each element is
+  replayed with its own dataset's quality."""
   specs = [pipeline.open_dataset(distill_records["d1"], "d1"),
            pipeline.open_dataset(distill_records["d2"], "d2")]
+  assert [s.jpeg_quality for s in specs] == [pipeline.augment.JPEG_QUALITY, 0]
   ds = pipeline.train_dataset(specs, resolution=32, host_batch=50, num_classes=10,
                               weights={"d1": 0.5, "d2": 0.5})
   teacher = keras.saving.load_model(teacher_path)
