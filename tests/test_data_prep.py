@@ -157,6 +157,38 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
                 label="dead")
 
 
+def test_the_jobs_pixels_and_the_replayed_pixels_are_bit_equal_with_the_jpeg_step(
+    source_shards):
+  """D2 (mixup, so the JPEG encoder gets rounded floats) through the job's own augmentation map
+  and through the trainer's replay, each in tf.data: the same bits, JPEG round trip included."""
+  src, manifest = source_shards
+  examples = transforms.read_shard(os.path.join(src, manifest["shards"][0]["path"]))[:40]
+  recipe = augment.RECIPES["d2"]
+  assert recipe.jpeg_quality == augment.JPEG_QUALITY
+  task = distill.AugmentTask(recipe, 48, "minus_one_to_one", 8, 2)
+  task.setup()
+  seeds = [augment.key_seed("d2", 0, ex["id"]) for ex in examples]
+  partners = [examples[augment.sample_partner(seed, i, len(examples))]["encoded"]
+              for i, seed in enumerate(seeds)]
+  inputs = {"seed": tf.stack(seeds), "data": [ex["encoded"] for ex in examples],
+            "partner": partners}
+  job = list(tf.data.Dataset.from_tensor_slices(inputs).map(task._augment_fn))  # pylint: disable=protected-access
+  params = {k: tf.stack([p[k] for _, p in job]) for k in augment.PARAM_SPEC}
+  assert np.all(params["mix_ratio"].numpy() < 1.0)
+  light = tf.data.Dataset.from_tensor_slices({
+      "image": inputs["data"], "partner": partners, "params": params,
+      "label": tf.zeros([len(examples)], tf.int32), "teacher": tf.zeros([len(examples), 10]),
+      "dataset": tf.zeros([len(examples)], tf.int32)})
+  # One quality for the whole mixture, and a per-element choice among several (D2 is dataset 0).
+  for qualities in [(recipe.jpeg_quality,), (recipe.jpeg_quality, 0)]:
+    replayed = light.map(lambda e, q=qualities: pipeline.replay(e, 48, q))
+    for (pixels, _), r in zip(job, replayed):
+      np.testing.assert_array_equal(pixels.numpy(), r["image"].numpy())
+  # The JPEG step is there: replayed without it, the pixels differ.
+  plain = list(light.map(lambda e: pipeline.replay(e, 48, (0,))))
+  assert all(not np.array_equal(p.numpy(), r["image"].numpy()) for (p, _), r in zip(job, plain))
+
+
 # ---- jobs end to end --------------------------------------------------------------------------
 
 def test_ingest_keeps_every_good_image_and_dead_letters_the_rest(source_shards, digits_folder):
