@@ -12,6 +12,8 @@ Anchor: the same work without the JPEG step, measured in the same run, rounds al
     decode, sample, `augment.apply`, scale for the teacher) over every image of every shard, in
     tf.data, as a task runs it; the teacher and the writes are not timed.
   - replay: `pipeline.train_dataset` over each D1 folder (decode, replay, batch), as training.
+  - the step alone: `augment.jpeg_round_trip` on the images' central crops at the resolution,
+    in a tf.data map on one thread, against the same map at quality 0 (no step).
 Figures are ms per image (best and median round); the JPEG step's cost is the difference. On
 a shared machine the best rounds are the steadier figure.
 """
@@ -60,6 +62,24 @@ def time_augment(ds, count):
   return 1000 * (time.perf_counter() - start) / count
 
 
+def round_trip_stream(source, quality, resolution):
+  """The JPEG step alone over the central crops of the source images, one thread."""
+  manifest = formats.SourceShards.read(source, "source")
+  crops = [(augment.center_crop(augment.decode(ex["encoded"]), resolution) + 1.0) * 127.5
+           for info in manifest.shards
+           for ex in transforms.read_shard(os.path.join(source, info.path))]
+  ds = tf.data.Dataset.from_tensor_slices(tf.stack(crops)).cache()
+  return ds.map(lambda image: augment.jpeg_round_trip(image, quality), num_parallel_calls=1)
+
+
+def time_round_trip(ds):
+  count = 0
+  start = time.perf_counter()
+  for _ in ds:
+    count += 1
+  return 1000 * (time.perf_counter() - start) / count
+
+
 def time_replay(ds, batches, batch):
   # A fresh iterator per round: one kept across rounds fills its prefetch buffer while the
   # other pipelines are timed, and would then look faster than it is.
@@ -89,7 +109,7 @@ def main():
     teacher = os.path.join(work, "teacher.keras")
     models.build("conv_s", num_classes=2, width=0.25, resolution=args.resolution).save(teacher)
     qualities = (0, args.quality)
-    streams, replays = {}, {}
+    streams, replays, alone = {}, {}, {}
     for q in qualities:
       out = os.path.join(work, f"d1_q{q}")
       distill.run(["--recipe=d1", f"--source={source}", f"--teacher={teacher}", f"--out={out}",
@@ -97,11 +117,14 @@ def main():
       streams[q] = augment_stream(source, q, args.resolution)
       replays[q] = replay_dataset(out, args.resolution, args.batch)
       time_augment(*streams[q])  # warm
-    results = {(kind, q): [] for kind in ("beam", "replay") for q in qualities}
+      alone[q] = round_trip_stream(source, q, args.resolution)
+      time_round_trip(alone[q])  # fills the cache
+    results = {(kind, q): [] for kind in ("beam", "replay", "alone") for q in qualities}
     for r in range(args.rounds):
       for q in (qualities if r % 2 == 0 else qualities[::-1]):
         results["beam", q].append(time_augment(*streams[q]))
         results["replay", q].append(time_replay(replays[q], args.batches, args.batch))
+        results["alone", q].append(time_round_trip(alone[q]))
       print(f"round {r + 1}: " + ", ".join(f"{k} q{q} {v[-1]:.2f} ms"
                                            for (k, q), v in results.items()), flush=True)
 
@@ -109,7 +132,8 @@ def main():
           f"{os.cpu_count()} cores; ms per image")
     print(f"{'':<52}{'best':>8}{'median':>8}")
     for kind, what in (("beam", "Beam job augmentation (AugmentTask map)"),
-                       ("replay", "trainer replay (train_dataset)")):
+                       ("replay", "trainer replay (train_dataset)"),
+                       ("alone", "the round trip alone (1 thread)")):
       for q in qualities:
         name = f"{what}, " + (f"JPEG q{q}" if q else "no JPEG (anchor)")
         values = results[kind, q]
