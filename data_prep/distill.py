@@ -2,6 +2,7 @@
 
     python -m data_prep.distill --recipe=d1 --source=SOURCE_SHARDS --teacher=teacher.keras \\
         --out=DIR [--replicas=N] [--replica_offset=K] [--top_k=0] [--selection=D3_SELECTION] \\
+        [--jpeg_quality=95] \\
         [standard Beam options: --runner=DataflowRunner ... | --direct_num_workers=2
          --direct_running_mode=multi_processing]
 
@@ -10,7 +11,9 @@ crop + extreme mixup with a partner from the same source shard, d3 inception cro
 l2m5 over the class-balanced selection of `data_prep.select_d3` (its replicated images get one
 record per copy). For every (example, replica, copy) the parameters are drawn from a stateless
 seed of (recipe, replica, id, copy), applied by `augment.apply` (the function the trainer
-replays), and the teacher runs through Beam `RunInference`.
+replays), which ends with the recipe's JPEG encode + decode (quality `augment.JPEG_QUALITY`, 95,
+unless --jpeg_quality says otherwise; 0 skips it; the manifest's recipe_spec records it), and
+the teacher runs through Beam `RunInference`.
 
 Work is split into tasks of (source shard, block of replicas): a task reads its shard once and
 emits fixed batches in a fixed order, so the records of a run are byte-identical to the last.
@@ -65,6 +68,10 @@ def parse_args(argv):
                       help="smallest inception-crop area (default: the recipe's 0.08)")
   parser.add_argument("--ra_magnitude", type=float, default=None,
                       help="RandAugment magnitude (default: the recipe's)")
+  parser.add_argument("--jpeg_quality", type=int, default=None,
+                      help="JPEG round trip of each augmented image before the teacher, 1-100; "
+                           "0 = none (default: the recipe's, "
+                           f"{augment.JPEG_QUALITY})")
   parser.add_argument("--no_flip", action="store_true",
                       help="no horizontal flips (e.g. for glyphs such as digits)")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
@@ -78,6 +85,8 @@ def parse_args(argv):
   for flag in ("replicas", "batch_size", "replicas_per_task"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+  if args.jpeg_quality is not None and not 0 <= args.jpeg_quality <= 100:
+    parser.error(f"--jpeg_quality must be in [0, 100] (0: no JPEG step), got {args.jpeg_quality}")
   if args.replica_offset < 0 or args.top_k < 0:
     parser.error("--replica_offset and --top_k must be >= 0")
   if args.resolution is not None and args.resolution < 16:
@@ -99,6 +108,8 @@ def recipe_from_args(args) -> augment.Recipe:
     changes["ra_magnitude"] = args.ra_magnitude
   if args.no_flip:
     changes["flip"] = False
+  if args.jpeg_quality is not None:
+    changes["jpeg_quality"] = args.jpeg_quality
   return dataclasses.replace(recipe, **changes)
 
 
@@ -150,7 +161,8 @@ class AugmentTask(beam.DoFn):
                             tf.shape(partner) if recipe.mixup else None)
     scale, offset = transforms.INPUT_SCALES[self.teacher_input]
     pixels = augment.apply(image, params, self.resolution, partner,
-                           constants=recipe.ra_constants(self.resolution))
+                           constants=recipe.ra_constants(self.resolution),
+                           jpeg_quality=recipe.jpeg_quality)
     return pixels * scale + offset, params
 
   def process(self, element):

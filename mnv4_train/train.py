@@ -517,6 +517,7 @@ def record_run(plan: Plan):
       "model": s.model, "num_classes": plan.num_classes, "resolution": plan.resolution,
       "train_steps": plan.train_steps, "global_batch_size": s.global_batch_size,
       "datasets": {info.name: {"path": info.path, "kind": info.kind, "recipe": info.recipe,
+                               "jpeg_quality": info.jpeg_quality,
                                "examples": info.num_examples} for info in plan.infos},
       "distribution": s.distribution, "replicas": plan.replicas, "hosts": plan.num_hosts,
       "mixed_precision": plan.mixed_precision, "git_revision": _git_revision()}, indent=1))

@@ -89,7 +89,10 @@ def teacher_path(source_shards, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def distill_records(source_shards, teacher_path, tmp_path_factory):
-  """D1 (2 replicas, full logits) and D2 (1 replica, top-3 logits) built by the Beam job."""
+  """D1 (2 replicas, full logits) and D2 (1 replica, top-3 logits) built by the Beam job.
+
+  D1 has the recipes' JPEG round trip; D2 is built without it, so that a mixture of the two
+  replays two JPEG settings."""
   from data_prep import distill
   root = tmp_path_factory.mktemp("distill")
   src = source_shards[0]
@@ -98,5 +101,5 @@ def distill_records(source_shards, teacher_path, tmp_path_factory):
                "--replicas=2", "--batch_size=32"])
   d2 = str(root / "d2")
   distill.run(["--recipe=d2", f"--source={src}", f"--teacher={teacher_path}", f"--out={d2}",
-               "--replicas=1", "--top_k=3", "--batch_size=32"])
+               "--replicas=1", "--top_k=3", "--batch_size=32", "--jpeg_quality=0"])
   return {"d1": d1, "d2": d2}

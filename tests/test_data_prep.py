@@ -16,7 +16,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from data_prep import distill, files, ingest, select_d3, transforms
-from mnv4_train.data import augment, records
+from mnv4_train.data import augment, pipeline, records
 from tests.conftest import CORRUPT_FILES
 
 pytestmark = pytest.mark.slow
@@ -157,6 +157,38 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
                 label="dead")
 
 
+def test_the_jobs_pixels_and_the_replayed_pixels_are_bit_equal_with_the_jpeg_step(
+    source_shards):
+  """D2 (mixup, so the JPEG encoder gets rounded floats) through the job's own augmentation map
+  and through the trainer's replay, each in tf.data: the same bits, JPEG round trip included."""
+  src, manifest = source_shards
+  examples = transforms.read_shard(os.path.join(src, manifest["shards"][0]["path"]))[:40]
+  recipe = augment.RECIPES["d2"]
+  assert recipe.jpeg_quality == augment.JPEG_QUALITY
+  task = distill.AugmentTask(recipe, 48, "minus_one_to_one", 8, 2)
+  task.setup()
+  seeds = [augment.key_seed("d2", 0, ex["id"]) for ex in examples]
+  partners = [examples[augment.sample_partner(seed, i, len(examples))]["encoded"]
+              for i, seed in enumerate(seeds)]
+  inputs = {"seed": tf.stack(seeds), "data": [ex["encoded"] for ex in examples],
+            "partner": partners}
+  job = list(tf.data.Dataset.from_tensor_slices(inputs).map(task._augment_fn))  # pylint: disable=protected-access
+  params = {k: tf.stack([p[k] for _, p in job]) for k in augment.PARAM_SPEC}
+  assert np.all(params["mix_ratio"].numpy() < 1.0)
+  light = tf.data.Dataset.from_tensor_slices({
+      "image": inputs["data"], "partner": partners, "params": params,
+      "label": tf.zeros([len(examples)], tf.int32), "teacher": tf.zeros([len(examples), 10]),
+      "dataset": tf.zeros([len(examples)], tf.int32)})
+  # One quality for the whole mixture, and a per-element choice among several (D2 is dataset 0).
+  for qualities in [(recipe.jpeg_quality,), (recipe.jpeg_quality, 0)]:
+    replayed = light.map(lambda e, q=qualities: pipeline.replay(e, 48, q))
+    for (pixels, _), r in zip(job, replayed):
+      np.testing.assert_array_equal(pixels.numpy(), r["image"].numpy())
+  # The JPEG step is there: replayed without it, the pixels differ.
+  plain = list(light.map(lambda e: pipeline.replay(e, 48, (0,))))
+  assert all(not np.array_equal(p.numpy(), r["image"].numpy()) for (p, _), r in zip(job, plain))
+
+
 # ---- jobs end to end --------------------------------------------------------------------------
 
 def test_ingest_keeps_every_good_image_and_dead_letters_the_rest(source_shards, digits_folder):
@@ -234,19 +266,24 @@ def _load_records(folder, top_k=0):
   return out
 
 
-def test_d1_records_replay_to_the_teachers_logits(source_shards, teacher_path, tmp_path):
+@pytest.mark.parametrize("jpeg_flags", [[], ["--jpeg_quality=0"]], ids=["jpeg95", "no_jpeg"])
+def test_d1_records_replay_to_the_teachers_logits(source_shards, teacher_path, tmp_path,
+                                                  jpeg_flags):
   src, manifest = source_shards
   out = str(tmp_path / "d1")
   m = distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
-                   f"--out={out}", "--replicas=2", "--replicas_per_task=1", "--batch_size=16"])
+                   f"--out={out}", "--replicas=2", "--replicas_per_task=1", "--batch_size=16",
+                   *jpeg_flags])
   assert m["num_records"] == 2 * 200 and m["num_classes"] == 10 and m["dead_letter"] == 0
+  quality = m["recipe_spec"]["jpeg_quality"]
+  assert quality == (0 if jpeg_flags else augment.JPEG_QUALITY)
   recs = _load_records(out)
   assert len(recs) == 400
   keys = [(f, int(r["source_index"])) for f, r in recs]
   assert keys == sorted(keys)  # each file sorted by source position
   # Replay as the trainer does (tf.data): fetch the source image by (shard, index), apply the
-  # recorded parameters with the shared function, run the teacher: the stored float16 logits
-  # come back.
+  # recorded parameters and the manifest's JPEG quality with the shared function, run the
+  # teacher: the stored float16 logits come back.
   shards = [transforms.read_shard(os.path.join(src, s["path"])) for s in manifest["shards"]]
   teacher = keras.saving.load_model(teacher_path)
   encoded, params, stored = [], [], []
@@ -257,17 +294,25 @@ def test_d1_records_replay_to_the_teachers_logits(source_shards, teacher_path, t
     encoded.append(ex["encoded"])
     params.append(r["params"])
     stored.append(r["teacher_logits"].numpy())
-  replay = tf.data.Dataset.from_tensor_slices(
-      (encoded, {k: tf.stack([p[k] for p in params]) for k in augment.PARAM_SPEC})).map(
-          lambda data, p: augment.apply(augment.decode(data), p, 32)).batch(len(encoded))
-  recomputed = teacher.predict(replay, verbose=0)
+  stored = np.stack(stored)
+
+  def replayed_logits(jpeg_quality):
+    replay = tf.data.Dataset.from_tensor_slices(
+        (encoded, {k: tf.stack([p[k] for p in params]) for k in augment.PARAM_SPEC})).map(
+            lambda data, p: augment.apply(augment.decode(data), p, 32,
+                                          jpeg_quality=jpeg_quality)).batch(len(encoded))
+    return teacher.predict(replay, verbose=0)
   # float16 storage: relative error 2^-11, plus the teacher's own float noise.
-  np.testing.assert_allclose(np.stack(stored), recomputed, rtol=1e-3, atol=1e-3)
+  np.testing.assert_allclose(stored, replayed_logits(quality), rtol=1e-3, atol=1e-3)
+  if quality:  # the teacher saw the JPEG round trip: without it the logits are others
+    assert np.max(np.abs(stored - replayed_logits(0))) > 0.05
   # Replicas differ: the same example gets other parameters in replica 1.
   by_replica = {}
   for _, r in recs:
     by_replica.setdefault(r["id"].numpy(), []).append(r["params"]["crop"].numpy())
   assert sum(not np.array_equal(*v) for v in by_replica.values()) > 150
+  if jpeg_flags:
+    return
 
   # Determinism: another run, other task split, two worker processes: the same bytes.
   again = str(tmp_path / "d1_again")
@@ -388,9 +433,11 @@ def test_distill_recipe_overrides_reach_the_records(source_shards, teacher_path,
   out = str(tmp_path / "d1")
   m = distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
                    f"--out={out}", "--replicas=1", "--crop_area_min=0.5", "--no_flip",
-                   "--ra_magnitude=5"])
+                   "--ra_magnitude=5", "--jpeg_quality=80"])
   recipe = m["recipe_spec"]
   assert recipe["crop_area"] == [0.5, 1.0] and not recipe["flip"] and recipe["ra_magnitude"] == 5.0
+  assert recipe["jpeg_quality"] == 80
+  assert pipeline.open_dataset(out).jpeg_quality == 80  # what the trainer's replay applies
   for _, r in _load_records(out):
     crop = r["params"]["crop"].numpy()
     assert crop[2] * crop[3] >= 0.5 * 32 * 32 * 0.95  # area within the sampler's rounding

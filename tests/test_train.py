@@ -1,6 +1,7 @@
 """Training: the loss against NumPy, the replayed input, mixing, resume, multi-worker, errors."""
 
 import glob
+import inspect
 import json
 import os
 import re
@@ -134,9 +135,13 @@ def test_soft_label_loss_equals_numpy_and_one_hot_targets_give_the_label_loss():
 # ---- the input pipeline -----------------------------------------------------------------------
 
 def test_replayed_pixels_give_the_teachers_stored_logits(distill_records, teacher_path):
-  """Trainer input (D1 full logits + D2 top-3, mixed): the teacher on the replayed pixels."""
+  """Trainer input (D1 full logits + D2 top-3, mixed): the teacher on the replayed pixels.
+
+  D1 went through the JPEG round trip before the teacher and D2 did not: each element is
+  replayed with its own dataset's quality."""
   specs = [pipeline.open_dataset(distill_records["d1"], "d1"),
            pipeline.open_dataset(distill_records["d2"], "d2")]
+  assert [s.jpeg_quality for s in specs] == [pipeline.augment.JPEG_QUALITY, 0]
   ds = pipeline.train_dataset(specs, resolution=32, host_batch=50, num_classes=10,
                               weights={"d1": 0.5, "d2": 0.5})
   teacher = keras.saving.load_model(teacher_path)
@@ -221,6 +226,82 @@ def test_batch_mixup_cutmix_gives_soft_targets_that_the_loss_takes(source_shards
   soft = distiller.per_example_losses(b["image"], b, logits)["ce"].numpy()
   np.testing.assert_allclose(soft, -(targets * _np_log_softmax(logits)).sum(-1), rtol=1e-5)
   assert not np.allclose(soft, label_loss(logits, b["label"], 10).numpy())
+
+
+# ---- EMA under float16 loss scaling -----------------------------------------------------------
+
+@pytest.fixture
+def keep_dtype_policy():
+  """`train` sets Keras' global dtype policy (mixed precision); put it back afterwards."""
+  policy = keras.mixed_precision.dtype_policy()
+  yield
+  keras.mixed_precision.set_dtype_policy(policy)
+
+
+def _top1_top5(model, eval_ds):
+  hits, total = np.zeros(2), 0
+  for batch in eval_ds:
+    logits = model(batch["image"], training=False)
+    labels = batch["label"]
+    hits += [np.sum(tf.math.in_top_k(labels, logits, k)) for k in (1, 5)]
+    total += int(labels.shape[0])
+  return tuple(hits / total)
+
+
+def test_ema_weights_are_evaluated_and_exported_under_float16_loss_scaling(
+    source_shards, distill_records, tmp_path, keep_dtype_policy):
+  """mixed_float16 (what distribution='gpu' picks) wraps AdamW in a LossScaleOptimizer, whose
+  own use_ema is False: evaluation and export must still use the inner optimizer's averages.
+
+  The loss scale starts high (2^15): the first steps overflow and are skipped, so the optimizer
+  counts fewer iterations than the loop ran steps; the run stops half-way and resumes.
+  """
+  from mnv4_train import train as train_lib
+  work = str(tmp_path / "run")
+  lr, steps = 0.01, 10
+  args = dict(
+      model="conv_s", datasets={"d1": distill_records["d1"]}, eval_data=source_shards[0],
+      # BatchNorm's moving statistics are the last batch's: eval-mode outputs then depend on
+      # the weights after 10 steps (with a slower momentum every image gets the same class).
+      model_options={"width": 0.25, "bn_momentum": 0.0}, resolution=32, train_steps=steps,
+      global_batch_size=8, warmup_steps=0, learning_rate=lr, weight_decay=0.0, ema_decay=0.5,
+      mixed_precision="mixed_float16", steps_per_loop=2, log_every=2, checkpoint_every=steps,
+      eval_batch_size=50, eval_crop=1.0)
+  half = train_lib.train(work, stop_after_steps=4, **args)
+  assert not half["finished"] and half["step"] == 4
+  result = train_lib.train(work, **args)
+  assert result["finished"] and result["step"] == steps
+  assert [h["step"] for h in _history(work)] == [2, 4, 6, 8, 10]
+  assert keras.mixed_precision.dtype_policy().name == "mixed_float16"
+  # The run's final state, from its checkpoint: raw weights and the inner optimizer's averages.
+  defaults = {name: p.default for name, p in
+              list(inspect.signature(train_lib.train).parameters.items())[1:]}
+  settings = train_lib.Settings(workdir=work, **{**defaults, **args})
+  student = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.0, resolution=32)
+  optimizer = train_lib.build_optimizer(settings, student, steps, "mixed_float16")
+  assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and not optimizer.use_ema
+  tf.train.Checkpoint(model=student, optimizer=optimizer).restore(
+      os.path.join(work, "checkpoints", f"ckpt-{steps}")).assert_existing_objects_matched()
+  inner = optimizer.inner_optimizer
+  assert 0 < int(inner.iterations) < steps  # some steps applied, some skipped
+  averages = [v.numpy() for v in inner._model_variables_moving_average]  # pylint: disable=protected-access
+  raw = [v.numpy() for v in student.trainable_variables]
+  exported = keras.saving.load_model(result["export"])
+  assert len(exported.trainable_variables) == len(averages)
+  moved = 0
+  for got, avg, now in zip(exported.trainable_variables, averages, raw):
+    np.testing.assert_array_equal(got.numpy(), avg)
+    # The averages follow the weights (not left at their zero start): within the few Adam
+    # steps (each at most ~lr per weight) of them, and behind them.
+    assert np.max(np.abs(avg - now)) <= steps * lr * 1.5
+    moved += int(not np.array_equal(avg, now))
+  assert moved > 0.9 * len(averages)
+  # Evaluation used the averages too: the run's top-1 is the exported model's, not the raw one's.
+  eval_ds, _ = pipeline.eval_dataset(source_shards[0], resolution=32, batch_size=50,
+                                     crop_fraction=1.0)
+  ema, now = _top1_top5(exported, eval_ds), _top1_top5(student, eval_ds)
+  assert ema != now  # the check below can tell the two apart
+  assert (result["top1"], result["top5"]) == pytest.approx(ema)
 
 
 # ---- runs through the CLI ---------------------------------------------------------------------

@@ -25,6 +25,10 @@ distillation recipes d1/d2/d3) scales them with the output size, so a recipe mea
 32 px and at 384 px. The distillation recipes keep the Model Garden's class defaults (translate
 100, cutout 40, scaled from 224 px; no exclusions; every layer fires): what their records were
 built with, and what a manifest without these fields means.
+
+A recipe's `jpeg_quality` ends `apply` with a JPEG encode + decode of the augmented image (the
+paper's round trip before the teacher); the trainer replays it with the quality in the records'
+manifest.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ IDENTITY_OP = len(RA_OPS)
 MAX_RA_LAYERS = 3   # record schema width; unused layers hold IDENTITY_OP
 _MAX_LEVEL = 10.0
 _REPLACE = [128, 128, 128]
+# The distillation recipes' JPEG quality. The paper JPEG-encodes and decodes each augmented
+# image before the teacher but states no quality, nor do big_vision's distillation configs
+# (their teacher runs online, with no JPEG step): 95 is our choice.
+JPEG_QUALITY = 95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +73,7 @@ class Recipe:
   const_resolution: int | None = 224  # None: the constants are pixels at any resolution
   prob_to_apply: float | None = None  # None: every layer fires
   exclude_ops: tuple[str, ...] = ()
+  jpeg_quality: int = 0             # JPEG round trip after augmenting (1-100); 0: none
 
   def __post_init__(self):
     if not 0 <= self.ra_layers <= MAX_RA_LAYERS:
@@ -75,6 +84,8 @@ class Recipe:
       raise ValueError(f"{self.name}: exclude_ops {unknown} are not RandAugment ops {RA_OPS}")
     if self.prob_to_apply is not None and not 0 <= self.prob_to_apply <= 1:
       raise ValueError(f"{self.name}: prob_to_apply must be in [0, 1] or None")
+    if not 0 <= self.jpeg_quality <= 100:
+      raise ValueError(f"{self.name}: jpeg_quality must be in [0, 100] (0: no JPEG step)")
 
   def randaugment(self) -> mg.RandAugment:
     """The Model Garden's `RandAugment` with this recipe's settings (constants in pixels at
@@ -104,10 +115,11 @@ class Recipe:
 # D1: inception crop + RandAugment l2m9, 500 replicas. D2: inception crop + extreme mixup (ratio
 # uniform on [0, 1], the "patient and consistent" function-matching mixup), 1000 replicas.
 # D3: the class-balanced extra set, inception crop + RandAugment l2m5, 10 replicas.
+# Each ends with a JPEG round trip at JPEG_QUALITY, as the paper's datasets do.
 RECIPES = {
-    "d1": Recipe("d1", ra_layers=2, ra_magnitude=9.0, replicas=500),
-    "d2": Recipe("d2", mixup=True, mixup_alpha=1.0, replicas=1000),
-    "d3": Recipe("d3", ra_layers=2, ra_magnitude=5.0, replicas=10),
+    "d1": Recipe("d1", ra_layers=2, ra_magnitude=9.0, replicas=500, jpeg_quality=JPEG_QUALITY),
+    "d2": Recipe("d2", mixup=True, mixup_alpha=1.0, replicas=1000, jpeg_quality=JPEG_QUALITY),
+    "d3": Recipe("d3", ra_layers=2, ra_magnitude=5.0, replicas=10, jpeg_quality=JPEG_QUALITY),
 }
 
 # Shapes and dtypes of a parameter set; records.py serialises exactly these.
@@ -257,13 +269,42 @@ def _ra_branches(image, magnitude, sign, cutout, resolution, constants):
   return [table[name] for name in RA_OPS] + [lambda: tf.identity(image)]
 
 
+def jpeg_round_trip(pixels: tf.Tensor, quality, choices=()) -> tf.Tensor:
+  """float32 pixels in [0, 255] -> rounded to uint8, JPEG-encoded at `quality`, decoded: float32.
+
+  `quality` 0 (or None) leaves the pixels alone. It is a Python int, or a scalar int tensor
+  that takes one of the Python ints `choices` (the encoder's quality is fixed per graph: one
+  branch per choice). Every setting is spelled out, so the Beam job and the trainer's replay
+  encode and decode alike: baseline 4:2:0 JPEG, and the accurate integer inverse DCT (the
+  decoder's default is left to the platform).
+  """
+  def round_trip(q):
+    if not q:
+      return pixels
+    image = tf.cast(tf.clip_by_value(tf.round(pixels), 0.0, 255.0), tf.uint8)
+    data = tf.io.encode_jpeg(image, format="rgb", quality=int(q), progressive=False,
+                             optimize_size=False, chroma_downsampling=True)
+    out = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
+    out.set_shape(pixels.shape)
+    return tf.cast(out, tf.float32)
+
+  if isinstance(quality, tf.Tensor):
+    choices = sorted(set(int(q or 0) for q in choices))
+    index = tf.argmax(tf.cast(tf.equal(tf.constant(choices), tf.cast(quality, tf.int32)),
+                              tf.int32), output_type=tf.int32)
+    return tf.switch_case(index, [lambda q=q: round_trip(q) for q in choices])
+  return round_trip(quality)
+
+
 def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None,
-          constants=None):
+          constants=None, jpeg_quality=0, jpeg_choices=()):
   """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
 
   `partner` is the decoded mixup partner (recipes with mixup); without it, or with a mix ratio
   of 1, the mix is skipped. `constants` is the recipe's `ra_constants(resolution)` (a tuple or a
-  float32 [3] tensor; default: the distillation recipes' constants).
+  float32 [3] tensor; default: the distillation recipes' constants). `jpeg_quality` (the
+  recipe's; 0: none) ends with a JPEG round trip of the augmented (and mixed) image; see
+  `jpeg_round_trip` for a per-element quality tensor and its `jpeg_choices`.
   Run it eagerly or inside a tf.data map, as the Beam job and the trainer do (a `tf.function`
   passed to `map` runs in the tf.data runtime and gives the same pixels, and is traced once):
   a `tf.function` called on its own has its graph optimised, which may reorder float
@@ -292,6 +333,7 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
     # A ratio of 1 (records of a recipe without mixup, in a mixture) leaves the image alone, so
     # the trainer can replay D1 and D2 records with one function.
     out = tf.cond(ratio < 1.0, mix, lambda: out)
+  out = jpeg_round_trip(out, jpeg_quality, jpeg_choices)
   return out / 127.5 - 1.0
 
 

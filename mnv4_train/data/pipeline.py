@@ -8,8 +8,9 @@ each beside the source shard of the same name. Its stream, per host:
      records, attach each record's image, mixup partner and label (cheap: no decoding yet)
   -> mixing of the datasets by weight, optionally a schedule of weights over training steps
      (`tf.data.Dataset.sample_from_datasets` with a dataset of weights)
-  -> host sharding -> replay: decode + `augment.apply` with the recorded parameters, the very
-     function the Beam job ran before the teacher -> batch -> prefetch.
+  -> host sharding -> replay: decode + `augment.apply` with the recorded parameters and the
+     dataset's JPEG quality (its manifest's recipe_spec), the very function the Beam job ran
+     before the teacher -> batch -> prefetch.
 
 A source-shards folder (`data_prep.ingest`) streams the same way, with augmentation parameters
 drawn from a stateless key of (seed, epoch, example id) instead of read from records: the
@@ -65,6 +66,7 @@ class DatasetInfo:
   # The records' augmentation recipe as the Beam job built it (manifest `recipe_settings`):
   # replay needs its RandAugment constants.
   recipe_settings: augment.Recipe | None = None
+  jpeg_quality: int = 0              # the JPEG round trip before the teacher (0: none)
 
 
 def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
@@ -93,7 +95,10 @@ def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
                        resolution=int(manifest.resolution), top_k=int(manifest.top_k),
                        recipe=manifest.recipe,
                        recipe_settings=augment.Recipe.from_settings(
-                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}))
+                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}),
+                       # Records built before the JPEG step have no key: they had none.
+                       jpeg_quality=int((manifest.recipe_settings or {}).get("jpeg_quality")
+                                        or 0))
   pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
                 for s in manifest.shards if s.count)
   return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
@@ -256,13 +261,21 @@ def mix(streams, boundaries, table, examples_per_step: int, seed: int):
 
 # ---- replay and the whole pipeline -----------------------------------------------------------
 
-def replay(element, resolution: int):
-  """Light element -> the pixels the teacher saw (float32 [-1, 1]), label, teacher, dataset."""
+def replay(element, resolution: int, jpeg_qualities=(0,)):
+  """Light element -> the pixels the teacher saw (float32 [-1, 1]), label, teacher, dataset.
+
+  `jpeg_qualities` holds each dataset's JPEG quality, by dataset index.
+  """
   params = element["params"]
   image = augment.decode(element["image"])
   partner = tf.cond(params["mix_ratio"] < 1.0, lambda: augment.decode(element["partner"]),
                     lambda: tf.zeros([1, 1, 3], tf.uint8))
-  pixels = augment.apply(image, params, resolution, partner, constants=element["ra_constants"])
+  if len(set(jpeg_qualities)) == 1:
+    quality = jpeg_qualities[0]
+  else:  # datasets built with different qualities: each element takes its dataset's
+    quality = tf.gather(tf.constant(jpeg_qualities, tf.int32), element["dataset"])
+  pixels = augment.apply(image, params, resolution, partner, constants=element["ra_constants"],
+                         jpeg_quality=quality, jpeg_choices=jpeg_qualities)
   return {"image": pixels, "label": element["label"], "teacher": element["teacher"],
           "dataset": element["dataset"]}
 
@@ -320,7 +333,8 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
   ds = mix(streams, boundaries, table, step_examples, options.seed)
   if shard_policy == "data" and num_hosts > 1:
     ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
-  ds = (ds.map(lambda e: replay(e, resolution), num_parallel_calls=tf.data.AUTOTUNE)
+  qualities = tuple(d.jpeg_quality for d in datasets)
+  ds = (ds.map(lambda e: replay(e, resolution, qualities), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(host_batch, drop_remainder=True))
   if batch_mix is not None:
     ds = ds.map(lambda b: mix_batch(b, batch_mix))  # sequential: the RNG draws stay in order

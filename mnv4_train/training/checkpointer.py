@@ -31,7 +31,6 @@ class Checkpointer:
     self.chief = host == 0
     self.dir = os.path.join(workdir, "checkpoints")
     model_dir = self.dir if self.chief else self._scratch_dir()
-    self._optimizer = optimizer
     self._model = tf.train.CheckpointManager(
         tf.train.Checkpoint(model=model, optimizer=optimizer), model_dir, keep)
     self._data_dir = os.path.join(self.dir, f"data-host{host}")
@@ -52,7 +51,10 @@ class Checkpointer:
     if not latest:
       return 0
     self._model.checkpoint.restore(latest).assert_existing_objects_matched()
-    step = int(self._optimizer.iterations.numpy())
+    # The step is in the name (`save` numbers checkpoints by step), not the optimizer's
+    # iterations: under float16 loss scaling a step with non-finite gradients is skipped and
+    # does not count as an iteration, but it did consume a batch.
+    step = int(latest.rsplit("-", 1)[1])
     data_path = os.path.join(self._data_dir, f"ckpt-{step}")
     if not tf.io.gfile.exists(data_path + ".index"):
       raise InputPathError(f"{self.workdir} has a checkpoint at step {step} but no input "

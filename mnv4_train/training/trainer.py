@@ -137,11 +137,21 @@ class Trainer:
             "examples": int(totals[2] / self.num_hosts)}
 
 
+def ema_optimizer(optimizer):
+  """The optimizer that keeps the weights' moving averages.
+
+  Keras' LossScaleOptimizer (mixed_float16) reports `use_ema=False` whatever the optimizer it
+  wraps does: the averages live in, and are updated by, `inner_optimizer`.
+  """
+  inner = getattr(optimizer, "inner_optimizer", None)
+  return optimizer if inner is None else inner
+
+
 class EMASwap:
   """Puts the optimizer's EMA weights into the student for a block (eval, export)."""
 
   def __init__(self, optimizer, student):
-    self.optimizer = optimizer
+    self.optimizer = ema_optimizer(optimizer)
     self.student = student
     self.saved = None
 
