@@ -1,0 +1,60 @@
+"""The scale planner's arithmetic (benchmarks/scale_plan.py): quantities that follow from inputs."""
+
+import math
+
+import pytest
+
+from benchmarks import scale_plan
+
+
+@pytest.mark.parametrize("width, depth, resolution, paper_gmacs", [
+    (1.0, 1.0, 224, 0.39), (1.0, 1.1, 240, 0.70), (1.2, 1.4, 300, 1.8), (2.0, 3.1, 600, 37.0)])
+def test_efficientnet_macs_match_the_papers_table(width, depth, resolution, paper_gmacs):
+  macs = scale_plan.efficientnet_macs(width, depth, resolution)
+  assert macs / 1e9 == pytest.approx(paper_gmacs, rel=0.03)
+
+
+def test_dataset_rows_follow_from_the_inputs():
+  a = scale_plan.Assumptions(imagenet_images=1000, d1_replicas=3, d2_replicas=5,
+                             d3_images_per_class=7, d3_classes=11, d3_replicas=2,
+                             record_bytes_full=2000, record_bytes_topk=500,
+                             augment_cpu_ms=4.0, serialize_cpu_ms=1.0, cost_resolution=100,
+                             teacher_resolution=200, beam_vcpus_per_worker=8,
+                             chip_peak_tflops=2.0, teacher_utilisation=0.5, chips_per_host=4)
+  d1, d2, d3, total = scale_plan.plan_datasets(a)
+  assert [r.records for r in (d1, d2, d3)] == [3000, 5000, 7 * 11 * 2]
+  assert total.records == 3000 + 5000 + 154
+  for r in (d1, d2, d3, total):
+    assert r.bytes_full == r.records * 2000 and r.bytes_topk == r.records * 500
+    # augmentation scales with pixels (4 ms at 100 px -> 16 ms at 200 px) + serialisation
+    assert r.beam_cpu_hours == pytest.approx(r.records * 17.0 / 3.6e6)
+    assert r.beam_worker_hours == pytest.approx(r.beam_cpu_hours / 8)
+  macs = scale_plan.teacher_macs(a)
+  chip_macs = 2e12 / 2 * 0.5
+  assert d1.teacher_chip_hours == pytest.approx(3000 * macs / chip_macs / 3600)
+  # CPUs that keep 4 chips fed: their images/s x 16 ms each
+  assert d1.host_cpus_needed == pytest.approx(4 * chip_macs / macs * 0.016)
+
+
+def test_training_plan_follows_from_the_inputs():
+  a = scale_plan.Assumptions(imagenet_images=1000, epochs=10, global_batch=300,
+                             student_macs_g=1.0, train_chips=8, chips_per_host=4,
+                             chip_peak_tflops=1.0, train_utilisation=0.5, replay_cpu_ms=2.0,
+                             cost_resolution=100, student_resolution=100, paper_hours=1.0,
+                             paper_epochs=5)
+  t = scale_plan.plan_training(a)
+  assert t.examples == 10_000 and t.steps == math.ceil(10_000 / 300)
+  seconds = 10_000 * 6e9 / (8e12 * 0.5)   # 3 x forward, 2 FLOPs per MAC
+  assert t.hours == pytest.approx(seconds / 3600)
+  assert t.host_cpus_needed == pytest.approx(10_000 / seconds / 2 * 0.002)
+  assert t.paper_hours_scaled == pytest.approx(2.0)
+  assert t.paper_utilisation == pytest.approx(seconds * 0.5 / 7200)
+
+
+def test_every_assumption_is_a_flag_and_printed(capsys):
+  scale_plan.main(["--d1_replicas=2", "--teacher_utilisation=0.5"])
+  out = capsys.readouterr().out
+  assert "d1_replicas = 2" in out and "teacher_utilisation = 0.5" in out
+  for f in scale_plan.dataclasses.fields(scale_plan.Assumptions):
+    assert f"  {f.name} = " in out
+  assert "D1" in out and "training: MNv4-Conv-L" in out
