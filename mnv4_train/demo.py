@@ -615,8 +615,9 @@ def plot_ablation(table8, teacher, labels_only, ws):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 3.8))
-  names = [t["mixture"].upper() for t in table8]
+  fig, ax = plt.subplots(figsize=(8, 3.8))
+  names = ["labels only\n(same steps)" if t["mixture"] == LABELS_CONTROL
+           else t["mixture"].upper() for t in table8]
   values = [100 * t["top1"] for t in table8]
   ax.bar(names, values, color=["#bbbbbb" if t["mixture"] == LABELS_CONTROL else "#4477aa"
                                for t in table8])
@@ -629,7 +630,7 @@ def plot_ablation(table8, teacher, labels_only, ws):
     ax.text(i, v + 0.1, f"{v:.2f}", ha="center", fontsize=8)
   ax.set_ylabel("test top-1 (%)")
   ax.set_title("distilled student by dataset mixture (Table 8 in miniature)")
-  ax.legend(loc="lower right", fontsize=8)
+  ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
   path = os.path.join(ws, "ablation.png")
   fig.savefig(path, dpi=110)

@@ -178,7 +178,10 @@ def test_the_jobs_pixels_and_the_replayed_pixels_are_bit_equal_with_the_jpeg_ste
   light = tf.data.Dataset.from_tensor_slices({
       "image": inputs["data"], "partner": partners, "params": params,
       "label": tf.zeros([len(examples)], tf.int32), "teacher": tf.zeros([len(examples), 10]),
-      "dataset": tf.zeros([len(examples)], tf.int32)})
+      "dataset": tf.zeros([len(examples)], tf.int32),
+      # The stream's per-element RandAugment constants (the recipe's, at 48 px).
+      "ra_constants": tf.tile(tf.constant([recipe.ra_constants(48)], tf.float32),
+                              [len(examples), 1])})
   # One quality for the whole mixture, and a per-element choice among several (D2 is dataset 0).
   for qualities in [(recipe.jpeg_quality,), (recipe.jpeg_quality, 0)]:
     replayed = light.map(lambda e, q=qualities: pipeline.replay(e, 48, q))
