@@ -32,9 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tensorflow as tf  # noqa: E402
 
-from replay_throughput import replay_dataset, write_photo_folder  # noqa: E402  (benchmarks/)
-from data_prep import distill, ingest, transforms  # noqa: E402
-from mnv4_train import models  # noqa: E402
+from replay_throughput import photo_source_and_teacher, replay_dataset  # noqa: E402  (benchmarks/)
+from data_prep import distill, transforms  # noqa: E402
 from mnv4_train.data import augment, formats  # noqa: E402
 
 
@@ -103,11 +102,7 @@ def main():
 
   work = tempfile.mkdtemp(prefix="mnv4_jpeg_")
   try:
-    write_photo_folder(os.path.join(work, "images"), args.images)
-    source = os.path.join(work, "source")
-    ingest.run([f"--images={work}/images", f"--out={source}", "--num_shards=4"])
-    teacher = os.path.join(work, "teacher.keras")
-    models.build("conv_s", num_classes=2, width=0.25, resolution=args.resolution).save(teacher)
+    source, teacher = photo_source_and_teacher(work, args.images, args.resolution)
     qualities = (0, args.quality)
     streams, replays, alone = {}, {}, {}
     for q in qualities:

@@ -54,6 +54,17 @@ def write_photo_folder(root, count, seed=0):
       f.write(tf.io.encode_jpeg(window, quality=90).numpy())
 
 
+def photo_source_and_teacher(work, images, resolution):
+  """(source shards of `images` photo windows, a random-weight Conv-S x0.25 teacher .keras),
+  both under `work`: what the replay benchmarks build their D1 records from."""
+  write_photo_folder(os.path.join(work, "images"), images)
+  source = os.path.join(work, "source")
+  ingest.run([f"--images={work}/images", f"--out={source}", "--num_shards=4"])
+  teacher = os.path.join(work, "teacher.keras")
+  models.build("conv_s", num_classes=2, width=0.25, resolution=resolution).save(teacher)
+  return source, teacher
+
+
 def online_dataset(source, resolution, batch):
   """The anchor: decode + MG inception crop + MG RandAugment(2, 9) + flip, stateful RNG."""
   files = sorted(tf.io.gfile.glob(os.path.join(source, "shard-*.tfrecord")))
@@ -100,11 +111,7 @@ def main():
 
   work = tempfile.mkdtemp(prefix="mnv4_replay_")
   try:
-    write_photo_folder(os.path.join(work, "images"), args.images)
-    source = os.path.join(work, "source")
-    ingest.run([f"--images={work}/images", f"--out={source}", "--num_shards=4"])
-    teacher = os.path.join(work, "teacher.keras")
-    models.build("conv_s", num_classes=2, width=0.25, resolution=args.resolution).save(teacher)
+    source, teacher = photo_source_and_teacher(work, args.images, args.resolution)
     d1 = os.path.join(work, "d1")
     distill.run(["--recipe=d1", f"--source={source}", f"--teacher={teacher}", f"--out={d1}",
                  "--replicas=2", "--batch_size=32"])
