@@ -66,7 +66,12 @@ class DatasetInfo:
   # The records' augmentation recipe as the Beam job built it (manifest `recipe_settings`):
   # replay needs its RandAugment constants.
   recipe_settings: augment.Recipe | None = None
-  jpeg_quality: int = 0              # the JPEG round trip before the teacher (0: none)
+
+  @property
+  def jpeg_quality(self) -> int:
+    """The JPEG round trip before the teacher (0: none; source shards and records built before
+    the JPEG step have none)."""
+    return self.recipe_settings.jpeg_quality if self.recipe_settings else 0
 
 
 def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
@@ -95,10 +100,7 @@ def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
                        resolution=int(manifest.resolution), top_k=int(manifest.top_k),
                        recipe=manifest.recipe,
                        recipe_settings=augment.Recipe.from_settings(
-                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}),
-                       # Records built before the JPEG step have no key: they had none.
-                       jpeg_quality=int((manifest.recipe_settings or {}).get("jpeg_quality")
-                                        or 0))
+                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}))
   pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
                 for s in manifest.shards if s.count)
   return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
