@@ -37,7 +37,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats, records
-from mnv4_train.errors import ArgumentParser, ConfigError
+from mnv4_train.errors import ArgumentParser, ConfigError, run_then_exit
 from mnv4_train.models import checkpoint
 
 
@@ -345,4 +345,4 @@ def run(argv=None, pipeline=None) -> dict:
 
 
 if __name__ == "__main__":
-  files.job_main("data_prep.distill", run, sys.argv[1:])
+  run_then_exit(files.job_main, "data_prep.distill", run, sys.argv[1:])

@@ -30,7 +30,7 @@ from apache_beam.io import fileio
 
 from data_prep import console, fashion_mnist, files, transforms
 from mnv4_train.data import formats, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line, run_then_exit
 
 EXAMPLES_PER_SHARD = 1024
 
@@ -533,4 +533,4 @@ def run(argv=None, pipeline=None) -> dict:
 
 
 if __name__ == "__main__":
-  files.job_main("data_prep.ingest", run, sys.argv[1:])
+  run_then_exit(files.job_main, "data_prep.ingest", run, sys.argv[1:])

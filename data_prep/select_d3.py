@@ -30,7 +30,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats
-from mnv4_train.errors import ArgumentParser
+from mnv4_train.errors import ArgumentParser, run_then_exit
 from mnv4_train.models import checkpoint
 
 CLASSES_PER_FILE = 64
@@ -248,4 +248,4 @@ def run(argv=None, pipeline=None) -> dict:
 
 
 if __name__ == "__main__":
-  files.job_main("data_prep.select_d3", run, sys.argv[1:])
+  run_then_exit(files.job_main, "data_prep.select_d3", run, sys.argv[1:])

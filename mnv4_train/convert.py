@@ -45,7 +45,7 @@ import sys
 import tempfile
 
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
-                               first_line)
+                               first_line, run_then_exit)
 from mnv4_train.models import specs as S
 
 TIMM_NAMES = {
@@ -397,4 +397,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_then_exit(main)

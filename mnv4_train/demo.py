@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from mnv4_train.errors import ArgumentParser, UserError, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, UserError, exit_on_user_error, run_then_exit
 
 PROG = "mnv4_train.demo"
 # The distilled students' default length: fashion_distill.gin's train.train_steps (a test keeps
@@ -649,4 +649,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  run_then_exit(main)

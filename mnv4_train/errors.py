@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import sys
 
 
@@ -57,3 +59,36 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message):
     print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
     sys.exit(2)
+
+
+def exit_now(code=0):
+  """Ends the process with `code` (as `sys.exit` reads it) once output is flushed, skipping
+  the interpreter's teardown.
+
+  Every entry point ends here after its files are written and closed. TensorFlow's C++
+  runtime can crash (SIGSEGV) while Python tears its modules down after a finished run, with
+  tf.data's and Beam's threads still alive; a run's exit status must not depend on that.
+  Interpreter teardown only frees memory: nothing of ours waits on it.
+  """
+  if code is None:
+    code = 0
+  elif not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+      pass
+  os._exit(code)
+
+
+def run_then_exit(fn, *args):
+  """A command's `__main__`: runs `fn(*args)` and ends with its status through `exit_now`
+  (a returned int or a `sys.exit`). A bug's traceback still goes through Python's own path."""
+  try:
+    code = fn(*args)
+  except SystemExit as e:
+    code = e.code
+  exit_now(code)

@@ -42,7 +42,7 @@ import tempfile
 from typing import Iterable, Sequence
 
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
-                               first_line)
+                               first_line, run_then_exit)
 
 FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_int8")
 TFLITE_FILES = {"tflite_float32": "model_float32.tflite", "tflite_float16": "model_float16.tflite",
@@ -356,4 +356,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_then_exit(main)

@@ -21,7 +21,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import mnv4_train
-from mnv4_train.errors import ConfigError, exit_on_user_error, first_line
+from mnv4_train.errors import ConfigError, exit_on_user_error, first_line, run_then_exit
 
 PROG = "mnv4_train.main"
 
@@ -151,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_then_exit(app.run, main)

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from typing import Callable, Sequence
 
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error, run_then_exit
 
 RIDGE_POINTS = tuple(range(0, 501, 5))  # MACs per byte, the paper's sweep
 BYTES_PER_ELEM = 1  # int8 weights and activations, as the paper deploys to CPUs and EdgeTPUs
@@ -311,4 +311,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_then_exit(main)

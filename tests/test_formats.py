@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -148,3 +151,28 @@ def test_first_line_never_fails_on_an_empty_message():
   assert first_line(ValueError("")) == "ValueError"
   assert first_line(UserError("\n  first\nsecond")) == "first"
   assert first_line("", "fallback") == "fallback"
+
+
+@pytest.mark.parametrize("body, code, out, err", [
+    ("print('done', end=''); return 0", 0, "done", ""),
+    ("print('half', end=''); sys.exit(3)", 3, "half", ""),
+    ("sys.exit('bad thing')", 1, "", "bad thing"),
+    ("return None", 0, "", ""),
+])
+def test_commands_end_through_exit_now_with_their_status_and_output(body, code, out, err):
+  """`run_then_exit` (every command's __main__) keeps the status and flushes buffered output,
+  and skips interpreter teardown: an atexit hook never runs."""
+  script = textwrap.dedent(f"""
+      import atexit, sys
+      from mnv4_train.errors import run_then_exit
+      atexit.register(lambda: print("TEARDOWN", file=sys.stderr))
+      def main():
+        {body}
+      run_then_exit(main)
+      print("not reached")
+      """)
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == code, proc.stderr
+  assert proc.stdout == out
+  assert proc.stderr.strip() == err

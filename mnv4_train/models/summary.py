@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from mnv4_train.errors import ArgumentParser, exit_on_user_error
+from mnv4_train.errors import ArgumentParser, exit_on_user_error, run_then_exit
 from mnv4_train.models import builder, profile, specs
 
 STAGES = ("stem", "stage0", "stage1", "stage2", "stage3", "stage4", "head")
@@ -93,4 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run_then_exit(main)
