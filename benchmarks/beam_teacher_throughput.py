@@ -8,7 +8,8 @@ width, random weights), D1 augmentation. Two anchors, measured in the same run:
   - bare predict: the teacher alone over the already-augmented pixels, batch by batch, in one
     process (the ceiling: teacher throughput with no data work at all);
   - bare loop: one process doing all the job's work without Beam: decode, sample and apply the
-    augmentation (the same tf.data map), the teacher, record serialization, TFRecord writes.
+    augmentation (the job's own `AugmentTask.batches`), the teacher, record serialization,
+    TFRecord writes.
 Ours: `data_prep.distill` on the DirectRunner with 2 worker processes (multi_processing), timed
 end to end, pipeline start-up included. Overhead = anchor throughput / Beam throughput - 1.
 """
@@ -33,8 +34,9 @@ from data_prep.digits import write_digits_folder  # noqa: E402
 
 
 def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
-  """The teacher's forward function, and per (shard, replica) the examples and a tf.data
-  stream of augmented (pixels, params) batches built with the job's own augmentation map."""
+  """The teacher's forward function, and per (shard, replica) the examples and their augmented
+  (pixels, params) batches, made as the job makes them (`AugmentTask.batches`: one tf.data
+  stream per process, fed task by task)."""
   manifest = formats.SourceShards.read(source, "source")
   teacher = checkpoint.load_model(teacher_path, what="teacher")
   forward = tf.function(lambda x: teacher(x, training=False))
@@ -45,13 +47,10 @@ def _shards_and_batches(source, teacher_path, replicas, resolution, batch_size):
   for shard, info in enumerate(manifest.shards):
     examples = transforms.read_shard(os.path.join(source, info.path))
     for replica in range(replicas):
-      inputs = {"seed": tf.stack([augment.key_seed("d1", replica, ex["id"]) for ex in examples]),
-                "data": [ex["encoded"] for ex in examples],
-                "partner": [ex["encoded"] for ex in examples]}
-      ds = (tf.data.Dataset.from_tensor_slices(inputs)
-            .map(task._augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(batch_size))
-      work.append((shard, info.path, replica, examples, ds))
+      seeds = tf.stack([augment.key_seed("d1", replica, ex["id"]) for ex in examples])
+      data = tf.constant([ex["encoded"] for ex in examples])
+      work.append((shard, info.path, replica, examples,
+                   lambda seeds=seeds, data=data: task.batches(seeds, data, data)))
   return forward, work
 
 
@@ -59,12 +58,11 @@ def bare_loop(source, teacher_path, out, replicas, resolution, batch_size):
   """The same work as the Beam job, in one process, no Beam."""
   forward, work = _shards_and_batches(source, teacher_path, replicas, resolution, batch_size)
   n = 0
-  for shard, name, replica, examples, ds in work:
+  for shard, name, replica, examples, batches in work:
     with tf.io.TFRecordWriter(os.path.join(out, f"r{replica:04d}-{name}")) as writer:
       i = 0
-      for pixels, params in ds:
+      for pixels, params in batches():
         logits = forward(pixels).numpy()
-        params = {k: v.numpy() for k, v in params.items()}
         for j, row in enumerate(logits):
           writer.write(records.distill_record(
               example_id=examples[i + j]["id"], source_shard=shard, source_index=i + j,
@@ -79,8 +77,8 @@ def bare_predict(source, teacher_path, replicas, resolution, batch_size):
   """Seconds the teacher alone takes over the same augmented pixels (augmentation untimed)."""
   forward, work = _shards_and_batches(source, teacher_path, replicas, resolution, batch_size)
   seconds = 0.0
-  for _, _, _, _, ds in work:
-    batches = [pixels for pixels, _ in ds]
+  for _, _, _, _, batches in work:
+    batches = [pixels for pixels, _ in batches()]
     forward(batches[0])  # traced before timing
     start = time.perf_counter()
     for pixels in batches:

@@ -25,6 +25,7 @@ sorted by (source_index, copy); format in `mnv4_train/data/records.py`; `manifes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -124,6 +125,74 @@ def make_tasks(shards, replica_offset, replicas, per_task):
   return tasks
 
 
+class AugmentStream:
+  """One tf.data map of the augmentation that lives as long as its worker, fed task by task.
+
+  The job's pixels must be the trainer's replay pixels bit for bit, so the augmentation runs
+  where the replay runs it, inside a tf.data map (see `AugmentTask`). Making a tf.data iterator
+  is expensive: instantiating a map function with 17 RandAugment branches per layer costs about
+  1 s of CPU per iterator, so an iterator per (task, replica) of a few hundred images spent most
+  of the job's time there (issue 12: 95 ms of CPU per image against 2.6 ms in one stream).
+  Here one iterator is made on first use and reused: its input is a `tf.queue.FIFOQueue` that
+  each call fills with its elements, and the call takes exactly as many outputs back, in order
+  (a sequential dequeue, `deterministic=True`). Between calls the iterator's read-ahead waits on
+  the queue inside TensorFlow's own threads (no Python generator, no GIL); `close` closes the
+  queue, which ends the stream.
+  """
+
+  _DTYPES = (tf.int64, tf.string, tf.string)
+  _SHAPES = ([2], [], [])
+
+  def __init__(self, map_fn):
+    self._map_fn = map_fn
+    self._queue = None
+    self._iterator = None
+    self._pending = 0  # outputs queued but not taken (a caller that stopped early)
+
+  def _start(self):
+    self._queue = tf.queue.FIFOQueue(capacity=2**31 - 1, dtypes=self._DTYPES,
+                                     shapes=self._SHAPES)
+    queue = self._queue
+
+    def dequeue(_):
+      seed, data, partner = queue.dequeue()
+      return {"seed": seed, "data": data, "partner": partner}
+
+    ds = (tf.data.Dataset.range(1).repeat()
+          .map(dequeue)  # sequential: elements leave the queue in the order they entered
+          .map(self._map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+    self._iterator = iter(ds)
+
+  def __call__(self, seeds, data, partners):
+    """Columns (seeds [n, 2] int64, data [n] and partners [n] encoded images) -> (pixels,
+    params) per element, in order."""
+    if self._iterator is None:
+      self._start()
+    while self._pending:  # outputs a caller left behind are not this call's
+      self._pending -= 1
+      next(self._iterator)
+    self._queue.enqueue_many([seeds, data, partners])
+    self._pending = int(seeds.shape[0])
+    while self._pending:
+      self._pending -= 1
+      yield next(self._iterator)
+
+  def close(self):
+    """Ends the stream: closes the queue, then drops the iterator. The order matters: an
+    iterator dropped while its read-ahead waits on an open queue crashes TensorFlow (SIGSEGV);
+    a closed queue ends the wait first. Runs eagerly even when called from inside a trace
+    (the garbage collector can run `__del__` anywhere)."""
+    if self._queue is not None:
+      with tf.init_scope():
+        self._queue.close(cancel_pending_enqueues=True)
+    self._iterator = None
+    self._queue = None
+    self._pending = 0
+
+  def __del__(self):
+    self.close()
+
+
 class AugmentTask(beam.DoFn):
   """A task -> (key, image batch) elements for RunInference, in a fixed order.
 
@@ -135,8 +204,9 @@ class AugmentTask(beam.DoFn):
   Sampling and `augment.apply` run inside a tf.data map, as the trainer's replay does: some
   Model Garden ops truncate floats to uint8, and a `tf.function` called on its own (whose graph
   optimiser reorders float arithmetic) can land one grey level off the eager and tf.data result.
-  The map function is traced once per worker (`setup`) and reused by every task's dataset:
-  tracing it (17 RandAugment branches per layer) takes seconds, more than a shard's work.
+  The map function is traced once per worker (`setup`) and one `AugmentStream` (one tf.data
+  iterator) per worker serves every task: tracing takes seconds and each new iterator ~1 s of
+  CPU, more than a shard's work.
   """
 
   _SIGNATURE = [{"seed": tf.TensorSpec([2], tf.int64), "data": tf.TensorSpec([], tf.string),
@@ -151,19 +221,28 @@ class AugmentTask(beam.DoFn):
     self.images = beam.metrics.Metrics.counter(transforms.NAMESPACE, "augmented_images")
 
   def setup(self):
-    self._augment_fn = tf.function(self._augment, input_signature=self._SIGNATURE)
+    # A function of the settings, not a bound method: no reference cycle back to the task, so
+    # a dropped task frees its stream at once, closing it first (`AugmentStream.__del__`).
+    self._augment_fn = tf.function(
+        functools.partial(_augment_element, self.recipe, self.resolution, self.teacher_input),
+        input_signature=self._SIGNATURE)
+    self._stream = AugmentStream(self._augment_fn)
 
-  def _augment(self, element):
-    recipe = self.recipe
-    image = augment.decode(element["data"])
-    partner = augment.decode(element["partner"]) if recipe.mixup else None
-    params = augment.sample(recipe, element["seed"], tf.shape(image),
-                            tf.shape(partner) if recipe.mixup else None)
-    scale, offset = transforms.INPUT_SCALES[self.teacher_input]
-    pixels = augment.apply(image, params, self.resolution, partner,
-                           constants=recipe.ra_constants(self.resolution),
-                           jpeg_quality=recipe.jpeg_quality)
-    return pixels * scale + offset, params
+  def teardown(self):
+    self._stream.close()
+
+  def batches(self, seeds, data, partners):
+    """Columns of elements -> (pixels [n, res, res, C], {param: [n, ...]}) batches of
+    `batch_size`, in order; the last may be smaller."""
+    pixels, params = [], []
+    for image, p in self._stream(seeds, data, partners):
+      pixels.append(image)
+      params.append(p)
+      if len(pixels) == self.batch_size:
+        yield _stacked(pixels, params)
+        pixels, params = [], []
+    if pixels:
+      yield _stacked(pixels, params)
 
   def process(self, element):
     (shard, path, first, count), selection = element
@@ -171,7 +250,7 @@ class AugmentTask(beam.DoFn):
     recipe = self.recipe
     shard_file = files.shard_name("shard", shard, self.num_shards)
     for replica in range(first, first + count):
-      inputs, keys = {"seed": [], "data": [], "partner": []}, []
+      seeds, data, partners, keys = [], [], [], []
       for position, ex in enumerate(examples):
         copies = 1 if selection is None else selection.get(position, 0)
         for copy in range(copies):
@@ -181,24 +260,41 @@ class AugmentTask(beam.DoFn):
           if recipe.mixup:
             p_index = augment.sample_partner(seed, position, len(examples))
             meta.update(partner_id=examples[p_index]["id"], partner_index=p_index)
-          inputs["seed"].append(seed)
-          inputs["data"].append(ex["encoded"])
-          inputs["partner"].append(examples[meta["partner_index"]]["encoded"])
+          seeds.append(seed)
+          data.append(ex["encoded"])
+          partners.append(examples[meta["partner_index"]]["encoded"])
           keys.append(((position, copy), meta))
       if not keys:
         continue
-      inputs["seed"] = tf.stack(inputs["seed"])
-      ds = (tf.data.Dataset.from_tensor_slices(inputs)
-            .map(self._augment_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(self.batch_size))
       out_file = f"r{replica:04d}/{shard_file}"
-      for start, (pixels, params) in zip(range(0, len(keys), self.batch_size), ds):
-        batch_keys = keys[start:start + self.batch_size]
-        params = {k: v.numpy() for k, v in params.items()}
+      start = 0
+      for pixels, params in self.batches(tf.stack(seeds), tf.constant(data),
+                                         tf.constant(partners)):
+        batch_keys = keys[start:start + len(pixels)]
+        start += len(pixels)
         for i, (_, meta) in enumerate(batch_keys):
           meta["params"] = {k: v[i] for k, v in params.items()}
         self.images.inc(len(batch_keys))
         yield (out_file, batch_keys), pixels
+
+
+def _augment_element(recipe, resolution, teacher_input, element):
+  """{seed, data, partner} -> (teacher-scaled pixels, params): the job's map function."""
+  image = augment.decode(element["data"])
+  partner = augment.decode(element["partner"]) if recipe.mixup else None
+  params = augment.sample(recipe, element["seed"], tf.shape(image),
+                          tf.shape(partner) if recipe.mixup else None)
+  scale, offset = transforms.INPUT_SCALES[teacher_input]
+  pixels = augment.apply(image, params, resolution, partner,
+                         constants=recipe.ra_constants(resolution),
+                         jpeg_quality=recipe.jpeg_quality)
+  return pixels * scale + offset, params
+
+
+def _stacked(pixels, params):
+  """Per-element stream outputs -> one batch: pixels [n, ...] and {param: array [n, ...]}."""
+  return (tf.stack(pixels),
+          {k: np.stack([p[k].numpy() for p in params]) for k in params[0]})
 
 
 class MakeRecords(beam.DoFn):

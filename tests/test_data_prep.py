@@ -170,10 +170,15 @@ def test_the_jobs_pixels_and_the_replayed_pixels_are_bit_equal_with_the_jpeg_ste
   seeds = [augment.key_seed("d2", 0, ex["id"]) for ex in examples]
   partners = [examples[augment.sample_partner(seed, i, len(examples))]["encoded"]
               for i, seed in enumerate(seeds)]
-  inputs = {"seed": tf.stack(seeds), "data": [ex["encoded"] for ex in examples],
-            "partner": partners}
-  job = list(tf.data.Dataset.from_tensor_slices(inputs).map(task._augment_fn))  # pylint: disable=protected-access
-  params = {k: tf.stack([p[k] for _, p in job]) for k in augment.PARAM_SPEC}
+  inputs = {"seed": tf.stack(seeds), "data": tf.constant([ex["encoded"] for ex in examples]),
+            "partner": tf.constant(partners)}
+  # The job's own path: one stream per worker, fed task by task (two calls here, 25 + 15).
+  batches = [b for lo, hi in ((0, 25), (25, 40))
+             for b in task.batches(inputs["seed"][lo:hi], inputs["data"][lo:hi],
+                                   inputs["partner"][lo:hi])]
+  assert [len(px) for px, _ in batches] == [8, 8, 8, 1, 8, 7]
+  job = [(px, {k: v[i] for k, v in p.items()}) for pxs, p in batches for i, px in enumerate(pxs)]
+  params = {k: tf.constant(np.stack([p[k] for _, p in job])) for k in augment.PARAM_SPEC}
   assert np.all(params["mix_ratio"].numpy() < 1.0)
   light = tf.data.Dataset.from_tensor_slices({
       "image": inputs["data"], "partner": partners, "params": params,
@@ -184,12 +189,34 @@ def test_the_jobs_pixels_and_the_replayed_pixels_are_bit_equal_with_the_jpeg_ste
                               [len(examples), 1])})
   # One quality for the whole mixture, and a per-element choice among several (D2 is dataset 0).
   for qualities in [(recipe.jpeg_quality,), (recipe.jpeg_quality, 0)]:
-    replayed = light.map(lambda e, q=qualities: pipeline.replay(e, 48, q))
+    replayed = list(light.map(lambda e, q=qualities: pipeline.replay(e, 48, q)))
+    assert len(replayed) == len(job) == 40
     for (pixels, _), r in zip(job, replayed):
       np.testing.assert_array_equal(pixels.numpy(), r["image"].numpy())
   # The JPEG step is there: replayed without it, the pixels differ.
   plain = list(light.map(lambda e: pipeline.replay(e, 48, (0,))))
   assert all(not np.array_equal(p.numpy(), r["image"].numpy()) for (p, _), r in zip(job, plain))
+
+
+def test_the_augment_stream_keeps_each_calls_outputs_in_order_across_calls():
+  """One iterator serves every task: a caller that stops early leaves outputs behind, and the
+  next call still gets exactly its own, in order; after close a call starts a new stream."""
+  stream = distill.AugmentStream(lambda e: (e["seed"][0] * 10 + e["seed"][1],
+                                            {"length": tf.strings.length(e["data"])}))
+
+  def call(first, n):
+    seeds = tf.constant([[first + i, i] for i in range(n)], tf.int64)
+    data = tf.constant(["x" * (first + i) for i in range(n)])
+    return stream(seeds, data, data)
+
+  assert [(int(v), int(p["length"])) for v, p in call(1, 4)] == [(10, 1), (21, 2), (32, 3),
+                                                                (43, 4)]
+  left = call(100, 30)
+  assert int(next(left)[0]) == 1000  # and the other 29 are never taken
+  assert [int(v) for v, _ in call(7, 3)] == [70, 81, 92]
+  stream.close()
+  assert [int(v) for v, _ in call(5, 2)] == [50, 61]
+  stream.close()
 
 
 # ---- jobs end to end --------------------------------------------------------------------------
