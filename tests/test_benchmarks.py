@@ -58,3 +58,49 @@ def test_every_assumption_is_a_flag_and_printed(capsys):
   for f in scale_plan.dataclasses.fields(scale_plan.Assumptions):
     assert f"  {f.name} = " in out
   assert "D1" in out and "training: MNv4-Conv-L" in out
+
+
+# ---- benchmarks/trainer_vs_fit.py: its settings and table (never a timing) --------------------
+
+def test_trainer_vs_fit_takes_the_recipes_settings_with_the_flags_put_in(tmp_path):
+  import argparse
+
+  import gin
+
+  from benchmarks import trainer_vs_fit as bench
+  args = argparse.Namespace(batch=32, resolution=48, warmup=3, rounds=2, lead_in=1, steps=5,
+                            distribution="cpu")
+  labels = bench.recipe_settings(bench.LABELS_GIN, str(tmp_path / "a"), width=0.5,
+                                 **bench.trainer_overrides(args, {"digits": "/src"}))
+  distill = bench.recipe_settings(bench.DISTILL_GIN, str(tmp_path / "b"), width=0.5,
+                                  **bench.trainer_overrides(args, {"d1": "/d1"}))
+  for s in (labels, distill):
+    # the recipes' model options with the width replaced, their optimizer and cadence kept
+    assert s.model == "conv_s" and s.model_options == {"width": 0.5, "bn_momentum": 0.9}
+    assert (s.learning_rate, s.weight_decay, s.warmup_steps) == (0.003, 0.05, 60)
+    assert (s.steps_per_loop, s.log_every) == (22, 66)
+    assert (s.global_batch_size, s.resolution, s.train_steps, s.epochs) == (32, 48, 15, None)
+    assert s.eval_data is None and s.eval_every is None and s.data_root is None
+    assert s.weights is None
+  assert labels.datasets == {"digits": "/src"} and labels.teacher == "none"
+  assert labels.label_weight == 1.0 and labels.distill_weight == 0.0
+  assert distill.datasets == {"d1": "/d1"} and distill.teacher == "records"
+  assert distill.distill_weight == 1.0 and distill.label_weight == 0.0
+  assert labels.workdir == str(tmp_path / "a")
+  assert gin.config_str() == ""  # gin is left cleared
+
+
+def test_trainer_vs_fit_ratios_and_round_orders():
+  from benchmarks import trainer_vs_fit as bench
+  Round = bench.Round
+  results = {"fit": [Round(100, 50), Round(120, 60), Round(80, 40)],
+             "ours": [Round(90, 30), Round(60, 20), Round(150, 45)]}
+  fit, ours = bench.summarise(results, "fit")
+  assert (fit.best, fit.median, fit.cpu_median) == (120, 100, 50)
+  assert fit.ratio_best is None and fit.ratio_median is None
+  assert (ours.best, ours.median, ours.cpu_median) == (150, 90, 30)
+  assert ours.ratio_best == pytest.approx(150 / 120) and ours.ratio_median == pytest.approx(0.9)
+  text = bench.table([fit, ours])
+  assert "1.25" in text and "0.90" in text
+  assert bench.round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"],
+                                                     ["a", "b", "c"]]
