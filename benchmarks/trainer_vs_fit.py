@@ -112,7 +112,8 @@ def trainer_overrides(args, datasets: dict) -> dict:
               eval_data=None, eval_every=None, global_batch_size=args.batch,
               resolution=args.resolution,
               train_steps=args.warmup + args.rounds * (args.lead_in + args.steps),
-              epochs=None, distribution=args.distribution)
+              epochs=None, distribution=args.distribution,
+              mixed_precision=args.mixed_precision)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -328,6 +329,10 @@ def main():
   parser.add_argument("--images", type=int, default=1797, help="digits used (1797: all)")
   parser.add_argument("--distribution", choices=["cpu", "gpu"], default="cpu",
                       help="cpu hides any GPU from both sides")
+  parser.add_argument("--mixed_precision", choices=["auto", "mixed_bfloat16", "float32"],
+                      default="auto", help="the dtype policy of every row (the trainer's "
+                      "train.mixed_precision; auto: float32 on the CPU). mixed_bfloat16: "
+                      "bf16 convolutions and matmuls, float32 variables, BatchNorm and softmax")
   args = parser.parse_args()
   for flag in ("steps", "warmup", "lead_in", "rounds", "batch", "resolution", "images"):
     if getattr(args, flag) < 1:
@@ -370,7 +375,8 @@ def main():
             + " images/s", flush=True)
 
     print(f"\nMNv4 Conv-S x{args.width}, {args.resolution}px, batch {args.batch}, "
-          f"{args.distribution}, {args.warmup} warm-up steps, {args.rounds} rounds of "
+          f"{args.distribution}, {args.mixed_precision} precision, {args.warmup} warm-up steps, "
+          f"{args.rounds} rounds of "
           f"{args.lead_in} + {args.steps} timed steps, {os.cpu_count()} cores; images/s; "
           "ratio = ours / fit")
     print(table(summarise(results, anchor)))
