@@ -207,6 +207,10 @@ def test_mixup_partner_is_another_position_of_the_shard():
   assert A.sample_partner(A.key_seed("d2", 0, "x"), 0, 1) == 0
 
 
+def _numpy_params(recipe):
+  return {k: v.numpy() for k, v in _params(recipe).items()}
+
+
 def test_distill_record_round_trip_full_and_top_k():
   logits = np.random.default_rng(0).normal(0, 4, 1000).astype("float32")
   params = {k: v.numpy() for k, v in _params("d2").items()}
@@ -229,6 +233,17 @@ def test_distill_record_round_trip_full_and_top_k():
   np.testing.assert_allclose(parsed_k["topk_values"].numpy(), logits[best], rtol=1e-3)
   # Parameters + float16 logits stay a couple of kilobytes; top-10 a fraction of that.
   assert 2000 < len(full) < 3000 and len(topk) < 700
+  # A vector of records parses in one op into the same fields, each with a leading [n].
+  other = records.distill_record(example_id="n02/z.jpg", source_shard=1, source_index=2,
+                                 recipe="d2", replica=0, copy=1, params=_numpy_params("d1"),
+                                 logits=-logits)
+  for serialized, k in (([full, other], 0), ([topk, topk], 10)):
+    one_by_one = [records.parse_distill(tf.constant(r), top_k=k) for r in serialized]
+    together = records.parse_distill(tf.constant(serialized), top_k=k)
+    for i, single in enumerate(one_by_one):
+      tf.nest.map_structure(lambda a, b, i=i: np.testing.assert_array_equal(a.numpy(),
+                                                                            b[i].numpy()),
+                            single, together)
 
 
 def test_source_example_round_trip():

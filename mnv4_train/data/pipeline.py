@@ -4,8 +4,9 @@ One distillation dataset is a `data_prep.distill` output: record files `r<replic
 each beside the source shard of the same name. Its stream, per host:
 
   (epoch, pair) from a stateless permutation of the (record file, source shard) pairs per epoch
-  -> interleave: read the pair's source shard once (encoded images, labels), shuffle the pair's
-     records, attach each record's image, mixup partner and label (cheap: no decoding yet)
+  -> interleave: read the pair's source shard once (encoded images, labels) and parse its
+     record file in one op, shuffle the pair's records, attach each record's image, mixup
+     partner and label (cheap: no decoding yet)
   -> mixing of the datasets by weight, optionally a schedule of weights over training steps
      (`tf.data.Dataset.sample_from_datasets` with a dataset of weights)
   -> host sharding -> replay: decode + `augment.apply` with the recorded parameters and the
@@ -180,10 +181,10 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
 
   def distill_pair(epoch, k, rec_file, rec_count, src_file, src_count):
     table = _source_table(src_file, src_count)
-    recs = _read_whole(rec_file, rec_count)
+    recs = records.parse_distill(_read_whole(rec_file, rec_count), dataset.top_k)
 
     def attach(j):
-      ex = records.parse_distill(recs[j], dataset.top_k)
+      ex = tf.nest.map_structure(lambda field: field[j], recs)
       at = ex["source_index"]
       partner = tf.where(ex["partner_index"] >= 0, ex["partner_index"], at)
       return {"image": table["encoded"][at], "partner": table["encoded"][partner],

@@ -183,12 +183,19 @@ def parse_distill(serialized: tf.Tensor, top_k: int = 0) -> dict:
   """tf.data-friendly parse: ids, positions, `params` (augment.PARAM_SPEC shapes), teacher.
 
   The teacher's output is `teacher_logits` (float32 [num_classes]) for full records, or
-  `topk_indices` (int32 [k]) and `topk_values` (float32 [k]) for top-k records.
+  `topk_indices` (int32 [k]) and `topk_values` (float32 [k]) for top-k records. A vector of
+  records ([n]) parses in one op, every field with a leading [n] (the trainer parses a whole
+  record file at once: one parse per file instead of one per record).
   """
-  ex = tf.io.parse_single_example(serialized, distill_features(top_k))
+  batched = serialized.shape.rank == 1
+  if batched:
+    ex = tf.io.parse_example(serialized, distill_features(top_k))
+  else:
+    ex = tf.io.parse_single_example(serialized, distill_features(top_k))
+  lead = [-1] if batched else []
   params = {}
   for name, (shape, dtype) in augment.PARAM_SPEC.items():
-    params[name] = tf.reshape(tf.cast(ex.pop(f"aug/{name}"), dtype), shape)
+    params[name] = tf.reshape(tf.cast(ex.pop(f"aug/{name}"), dtype), lead + list(shape))
   ex["params"] = params
   if top_k:
     ex["topk_indices"] = tf.io.decode_raw(ex.pop("topk/indices"), tf.int32, little_endian=True)
