@@ -69,7 +69,7 @@ def test_trainer_vs_fit_takes_the_recipes_settings_with_the_flags_put_in(tmp_pat
 
   from benchmarks import trainer_vs_fit as bench
   args = argparse.Namespace(batch=32, resolution=48, warmup=3, rounds=2, lead_in=1, steps=5,
-                            distribution="cpu")
+                            distribution="cpu", mixed_precision="mixed_bfloat16")
   labels = bench.recipe_settings(bench.LABELS_GIN, str(tmp_path / "a"), width=0.5,
                                  **bench.trainer_overrides(args, {"digits": "/src"}))
   distill = bench.recipe_settings(bench.DISTILL_GIN, str(tmp_path / "b"), width=0.5,
@@ -81,7 +81,7 @@ def test_trainer_vs_fit_takes_the_recipes_settings_with_the_flags_put_in(tmp_pat
     assert (s.steps_per_loop, s.log_every) == (22, 66)
     assert (s.global_batch_size, s.resolution, s.train_steps, s.epochs) == (32, 48, 15, None)
     assert s.eval_data is None and s.eval_every is None and s.data_root is None
-    assert s.weights is None
+    assert s.weights is None and s.mixed_precision == "mixed_bfloat16"
   assert labels.datasets == {"digits": "/src"} and labels.teacher == "none"
   assert labels.label_weight == 1.0 and labels.distill_weight == 0.0
   assert distill.datasets == {"d1": "/d1"} and distill.teacher == "records"
