@@ -287,7 +287,7 @@ def _augment_element(recipe, resolution, teacher_input, element):
   scale, offset = transforms.INPUT_SCALES[teacher_input]
   pixels = augment.apply(image, params, resolution, partner,
                          constants=recipe.ra_constants(resolution),
-                         jpeg_quality=recipe.jpeg_quality)
+                         jpeg_quality=recipe.jpeg_quality, ra_layers=recipe.ra_layers)
   return pixels * scale + offset, params
 
 

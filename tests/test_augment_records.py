@@ -255,3 +255,41 @@ def test_source_example_round_trip():
   parsed = records.parse_source(tf.constant(serialized))
   assert parsed["image/encoded"].numpy() == data and int(parsed["image/label"]) == 4
   assert records.image_format(data) == "png" and records.image_format(b"hello") is None
+
+
+def test_replay_skips_only_what_every_recipe_leaves_as_the_identity():
+  """`replay` runs only the RandAugment layers and the mixup the mixed recipes use: the pixels
+  are those of the full function, and a manifest without its recipe gets the full function."""
+  from mnv4_train.data import pipeline
+  image = _textured()
+  data = tf.io.encode_png(image)
+  partner = tf.io.encode_png(_textured(seed=1))
+  for recipe, layers, mixup in ((A.RECIPES["d1"], 2, False), (A.Recipe("plain"), 0, False),
+                                (A.RECIPES["d2"], 0, True)):
+    assert (recipe.ra_layers, recipe.mixup) == (layers, mixup)
+    for example_id in ("a", "b", "c"):
+      p = A.sample(recipe, A.key_seed(recipe.name, 0, example_id), (48, 64, 3),
+                   (48, 64, 3) if recipe.mixup else None)
+      element = {"image": data, "partner": partner, "params": p, "label": 0, "teacher": 0,
+                 "dataset": 0, "ra_constants": tf.constant(recipe.ra_constants(40))}
+      full = pipeline.replay(element, 40)["image"].numpy()
+      lean = pipeline.replay(element, 40, ra_layers=layers, mixup=mixup)["image"].numpy()
+      np.testing.assert_array_equal(lean, full)
+  d1 = pipeline.DatasetInfo(name="d1", path="", kind="distill", pairs=(), num_classes=10,
+                            num_examples=1, epoch_examples=1, recipe="d1",
+                            recipe_settings=A.RECIPES["d1"])
+  d2 = pipeline.DatasetInfo(name="d2", path="", kind="distill", pairs=(), num_classes=10,
+                            num_examples=1, epoch_examples=1, recipe="d2",
+                            recipe_settings=A.RECIPES["d2"])
+  source = pipeline.DatasetInfo(name="s", path="", kind="source", pairs=(), num_classes=10,
+                                num_examples=1, epoch_examples=1)
+  plain = pipeline.StreamOptions(supervised_recipe=A.Recipe("plain", flip=False))
+  assert pipeline.replay_static([source], plain) == {"ra_layers": 0, "mixup": False}
+  assert pipeline.replay_static([d1, d2], plain) == {"ra_layers": 2, "mixup": True}
+  assert pipeline.replay_static([d1, source], pipeline.StreamOptions()) == {"ra_layers": 2,
+                                                                           "mixup": False}
+  unrecorded = pipeline.DatasetInfo(name="old", path="", kind="distill", pairs=(),
+                                    num_classes=10, num_examples=1, epoch_examples=1,
+                                    recipe="d1")
+  assert pipeline.replay_static([unrecorded, source], plain) == {"ra_layers": A.MAX_RA_LAYERS,
+                                                                 "mixup": True}

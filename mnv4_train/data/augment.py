@@ -297,14 +297,17 @@ def jpeg_round_trip(pixels: tf.Tensor, quality, choices=()) -> tf.Tensor:
 
 
 def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | None = None,
-          constants=None, jpeg_quality=0, jpeg_choices=()):
+          constants=None, jpeg_quality=0, jpeg_choices=(), ra_layers=MAX_RA_LAYERS):
   """Source image (uint8 [h, w, 3]) + parameters -> float32 [resolution, resolution, 3] in [-1, 1].
 
   `partner` is the decoded mixup partner (recipes with mixup); without it, or with a mix ratio
   of 1, the mix is skipped. `constants` is the recipe's `ra_constants(resolution)` (a tuple or a
   float32 [3] tensor; default: the distillation recipes' constants). `jpeg_quality` (the
   recipe's; 0: none) ends with a JPEG round trip of the augmented (and mixed) image; see
-  `jpeg_round_trip` for a per-element quality tensor and its `jpeg_choices`.
+  `jpeg_round_trip` for a per-element quality tensor and its `jpeg_choices`. `ra_layers`
+  (static) is how many RandAugment layers to run: layers past the recipe's own are recorded as
+  the identity, so running only the recipe's (`Recipe.ra_layers`, the most of the recipes a
+  replay mixes) gives the same pixels without their branch calls.
   Run it eagerly or inside a tf.data map, as the Beam job and the trainer do (a `tf.function`
   passed to `map` runs in the tf.data runtime and gives the same pixels, and is traced once):
   a `tf.function` called on its own has its graph optimised, which may reorder float
@@ -315,7 +318,7 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
     constants = Recipe("default").ra_constants(resolution)
   constants = tf.cast(constants, tf.float32)
   out = _crop_resize_flip(image, params["crop"], params["flip"], resolution)
-  for i in range(MAX_RA_LAYERS):
+  for i in range(ra_layers):
     out = tf.switch_case(
         params["ra_op"][i],
         _ra_branches(out, params["ra_magnitude"][i], params["ra_sign"][i],

@@ -64,8 +64,9 @@ class DatasetInfo:
   resolution: int | None = None      # the resolution the teacher saw (distill)
   top_k: int = 0
   recipe: str = ""
-  # The records' augmentation recipe as the Beam job built it (manifest `recipe_settings`):
-  # replay needs its RandAugment constants.
+  # The records' augmentation recipe as the Beam job built it (manifest `recipe_settings`;
+  # None for older manifests without it): replay needs its RandAugment constants, JPEG quality
+  # and how many RandAugment layers it ran.
   recipe_settings: augment.Recipe | None = None
 
   @property
@@ -101,7 +102,8 @@ def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
                        resolution=int(manifest.resolution), top_k=int(manifest.top_k),
                        recipe=manifest.recipe,
                        recipe_settings=augment.Recipe.from_settings(
-                           {"name": manifest.recipe, **(manifest.recipe_settings or {})}))
+                           {"name": manifest.recipe, **manifest.recipe_settings})
+                       if manifest.recipe_settings else None)
   pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
                 for s in manifest.shards if s.count)
   return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
@@ -158,12 +160,17 @@ class StreamOptions:
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
 
 
+def _recipe(dataset: DatasetInfo, opts: StreamOptions) -> augment.Recipe | None:
+  """The augmentation recipe of a dataset's elements: the recorded one of distillation records
+  (None for records whose manifest predates recipe_settings), the supervised one of sources."""
+  return dataset.recipe_settings if dataset.kind == "distill" else opts.supervised_recipe
+
+
 def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOptions, pairs,
             resolution: int):
   """Infinite stream of one dataset's light elements, epoch after epoch."""
   count = len(pairs)
-  recipe = (dataset.recipe_settings or augment.Recipe(dataset.recipe or "records")
-            if dataset.kind == "distill" else opts.supervised_recipe)
+  recipe = _recipe(dataset, opts) or augment.Recipe(dataset.recipe or "records")
   constants = tf.constant(recipe.ra_constants(resolution), tf.float32)
   # Source-shard datasets have no record files: "" fills the tensor, and source_pair ignores it.
   rec_files = tf.constant([p.record_file or "" for p in pairs])
@@ -264,23 +271,39 @@ def mix(streams, boundaries, table, examples_per_step: int, seed: int):
 
 # ---- replay and the whole pipeline -----------------------------------------------------------
 
-def replay(element, resolution: int, jpeg_qualities=(0,)):
+def replay(element, resolution: int, jpeg_qualities=(0,), ra_layers=augment.MAX_RA_LAYERS,
+           mixup=True):
   """Light element -> the pixels the teacher saw (float32 [-1, 1]), label, teacher, dataset.
 
-  `jpeg_qualities` holds each dataset's JPEG quality, by dataset index.
+  `jpeg_qualities` holds each dataset's JPEG quality, by dataset index. `ra_layers` and `mixup`
+  (static) are the most RandAugment layers and whether any mixup, over the mixed datasets'
+  recipes: what they leave out is the identity in every element, so skipping it changes no
+  pixel (`replay_static`).
   """
   params = element["params"]
   image = augment.decode(element["image"])
-  partner = tf.cond(params["mix_ratio"] < 1.0, lambda: augment.decode(element["partner"]),
-                    lambda: tf.zeros([1, 1, 3], tf.uint8))
+  partner = None
+  if mixup:
+    partner = tf.cond(params["mix_ratio"] < 1.0, lambda: augment.decode(element["partner"]),
+                      lambda: tf.zeros([1, 1, 3], tf.uint8))
   if len(set(jpeg_qualities)) == 1:
     quality = jpeg_qualities[0]
   else:  # datasets built with different qualities: each element takes its dataset's
     quality = tf.gather(tf.constant(jpeg_qualities, tf.int32), element["dataset"])
   pixels = augment.apply(image, params, resolution, partner, constants=element["ra_constants"],
-                         jpeg_quality=quality, jpeg_choices=jpeg_qualities)
+                         jpeg_quality=quality, jpeg_choices=jpeg_qualities, ra_layers=ra_layers)
   return {"image": pixels, "label": element["label"], "teacher": element["teacher"],
           "dataset": element["dataset"]}
+
+
+def replay_static(datasets, opts: StreamOptions) -> dict:
+  """`replay`'s static `ra_layers` and `mixup` for a mixture: the most over its recipes, and
+  everything (MAX_RA_LAYERS, mixup) when a dataset's recipe is not recorded."""
+  recipes = [_recipe(d, opts) for d in datasets]
+  if any(r is None for r in recipes):
+    return {"ra_layers": augment.MAX_RA_LAYERS, "mixup": True}
+  return {"ra_layers": max(r.ra_layers for r in recipes),
+          "mixup": any(r.mixup for r in recipes)}
 
 
 def _options(deterministic: bool):
@@ -337,7 +360,9 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
   if shard_policy == "data" and num_hosts > 1:
     ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
   qualities = tuple(d.jpeg_quality for d in datasets)
-  ds = (ds.map(lambda e: replay(e, resolution, qualities), num_parallel_calls=tf.data.AUTOTUNE)
+  static = replay_static(datasets, options)
+  ds = (ds.map(lambda e: replay(e, resolution, qualities, **static),
+               num_parallel_calls=tf.data.AUTOTUNE)
         .batch(host_batch, drop_remainder=True))
   if batch_mix is not None:
     ds = ds.map(lambda b: mix_batch(b, batch_mix))  # sequential: the RNG draws stay in order
