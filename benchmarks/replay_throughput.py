@@ -15,7 +15,9 @@ records: read the records and the source shards, attach each record's image, dec
 recorded crop + RandAugment + flip with `augment.apply`, batch; twice: D1 built without the
 JPEG step (the same work as the anchor: the like-for-like ratio) and D1 as the recipe builds it
 (JPEG round trip at quality 95, which replay repeats). All use tf.data's parallel map (AUTOTUNE)
-and prefetching; rounds alternate A B C C B A ...; examples/s is the best and the median round.
+and prefetching; each round makes a fresh iterator per pipeline, takes 4 batches untimed, then
+times --batches (only one pipeline lives at a time); rounds alternate A B C C B A ...;
+examples/s is the best and the median round.
 Cost of replay = online / replay throughput - 1.
 """
 
@@ -94,12 +96,20 @@ def replay_dataset(records_dir, resolution, batch):
                                 num_classes=dataset.num_classes)
 
 
-def timed(iterator, batches, batch):
-  next(iterator)  # the first batch carries the start-up
+def timed(dataset, batches, batch, lead_in=4):
+  """Examples/s of `batches` batches from a fresh iterator, after `lead_in` untimed batches
+  (start-up). One iterator at a time: a live iterator of another pipeline would fill its
+  read-ahead buffers while this one is timed, taking CPU from it, then hand out buffered
+  batches at no cost when its own turn comes."""
+  iterator = iter(dataset)
+  for _ in range(lead_in):
+    next(iterator)
   start = time.perf_counter()
   for _ in range(batches):
     next(iterator)["image"].numpy()
-  return batches * batch / (time.perf_counter() - start)
+  seconds = time.perf_counter() - start
+  del iterator
+  return batches * batch / seconds
 
 
 def main():
@@ -126,15 +136,15 @@ def main():
     names = {"online": "anchor: online, MG crop + MG RandAugment(2, 9) + flip",
              "replay": "replay: D1 records, recorded crop + RandAugment + flip",
              "replay_jpeg": f"replay: D1 records + the recipe's JPEG q{augment.JPEG_QUALITY}"}
-    iterators = {"online": iter(online_dataset(source, args.resolution, args.batch)),
-                 "replay": iter(replay_dataset(built[0], args.resolution, args.batch)),
-                 "replay_jpeg": iter(replay_dataset(built[augment.JPEG_QUALITY],
-                                                    args.resolution, args.batch))}
+    datasets = {"online": online_dataset(source, args.resolution, args.batch),
+                "replay": replay_dataset(built[0], args.resolution, args.batch),
+                "replay_jpeg": replay_dataset(built[augment.JPEG_QUALITY], args.resolution,
+                                              args.batch)}
     results = {name: [] for name in names}
     for r in range(args.rounds):
       order = list(names) if r % 2 == 0 else list(reversed(names))
       for name in order:
-        results[name].append(timed(iterators[name], args.batches, args.batch))
+        results[name].append(timed(datasets[name], args.batches, args.batch))
       print(f"round {r + 1}: " + ", ".join(f"{name} {results[name][-1]:.1f}" for name in names)
             + " examples/s", flush=True)
 
