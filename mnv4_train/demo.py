@@ -197,13 +197,20 @@ _VERBOSE_STAGES = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill
                    "mnv4_train.main")
 
 
-def _run(stage, argv, workspace=None, key=None):
-  """Runs one stage's command with this interpreter; its output streams to the console."""
+def _run(stage, argv, workspace=None, key=None, done=None):
+  """Runs one stage's command with this interpreter; its output streams to the console.
+
+  `done()` says whether the stage's outputs are complete: a stage killed by a signal after
+  that (TensorFlow has crashed, rarely, while a finished trainer's process ended) is kept,
+  with a line saying so."""
   cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _VERBOSE_STAGES else [])
   _log(f"{stage}: " + " ".join(cmd[2:]))
   start = time.time()
   proc = subprocess.run(cmd, check=False)
-  if proc.returncode:
+  if proc.returncode < 0 and done is not None and done():
+    _log(f"{stage}: its process ended on signal {-proc.returncode} after its run had finished "
+         "and written everything; kept")
+  elif proc.returncode:
     raise StageFailed(f"stage {stage} failed (exit status {proc.returncode}); fix what it "
                       "reported and run the same command again: finished stages are kept")
   _log(f"{stage}: done in {time.time() - start:.0f} s")
@@ -232,7 +239,7 @@ def _train(stage, gin_file, workdir, args, *bindings):
     binds.append(f"train.epochs={args.epochs}")
   _run(stage, ["mnv4_train.main", f"--gin_file={gin_file}", f"--workdir={workdir}"]
        + [f"--gin_bindings={b}" for b in binds + list(bindings)],
-       args.workspace, os.path.basename(workdir))
+       args.workspace, os.path.basename(workdir), done=lambda: _finished_run(workdir))
 
 
 def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):

@@ -115,3 +115,19 @@ def test_bad_flags_stop_with_one_line(tmp_path):
   proc = _demo("--dataset=digits", "--beam_workers=0", check=False)
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert proc.returncode == 2 and len(lines) == 1 and "--beam_workers must be >= 1" in lines[0]
+
+
+def test_a_stage_that_crashes_after_finishing_is_kept_and_one_that_crashes_before_is_not(
+    tmp_path, monkeypatch):
+  """TensorFlow has (rarely) crashed with SIGSEGV while a finished trainer's process ended: the
+  main job keeps such a stage when its outputs say it finished, and stops on any other crash."""
+  from mnv4_train import demo
+  monkeypatch.chdir(REPO)
+  out = str(tmp_path / "done.json")
+  demo._run("s", ["tests.crash_after_done", out, "--done"], done=lambda: os.path.exists(out))
+  assert os.path.exists(out)
+  other = str(tmp_path / "other.json")
+  with pytest.raises(demo.StageFailed, match="exit status -11"):
+    demo._run("s", ["tests.crash_after_done", other], done=lambda: os.path.exists(other))
+  with pytest.raises(demo.StageFailed, match="exit status -11"):
+    demo._run("s", ["tests.crash_after_done", out, "--done"])  # no way to tell: a failure
