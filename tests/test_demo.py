@@ -78,8 +78,8 @@ def _user_folder(root):
 @pytest.mark.lead(1)
 def _as_from_a_terminal():
   """The child starts with Ctrl-C as a terminal gives it: SIGINT neither ignored nor blocked.
-  Under the full suite the main job inherited a state in which the group's SIGINT stopped
-  nothing (twice; the worker's own state is clean when probed), so it is set explicitly."""
+  A suite launched as a background job (`pytest ... &` from a script) runs with SIGINT ignored,
+  which every child inherits and Python keeps: there this test's Ctrl-C stopped nothing."""
   signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
   signal.signal(signal.SIGINT, signal.SIG_DFL)
 
