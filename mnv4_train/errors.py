@@ -65,10 +65,11 @@ def exit_now(code=0):
   """Ends the process with `code` (as `sys.exit` reads it) once output is flushed, skipping
   the interpreter's teardown.
 
-  Every entry point ends here after its files are written and closed. TensorFlow's C++
-  runtime can crash (SIGSEGV) while Python tears its modules down after a finished run, with
-  tf.data's and Beam's threads still alive; a run's exit status must not depend on that.
-  Interpreter teardown only frees memory: nothing of ours waits on it.
+  Every entry point ends here after its files are written and closed. A finished trainer has
+  (rarely) died on SIGSEGV at its end, with tf.data's threads still alive; skipping the
+  teardown takes that step out of play, though the crash was seen again after this change, so
+  it is not the only place (the main job also keeps a stage that crashed after finishing, see
+  `mnv4_train.demo._run`). Interpreter teardown only frees memory: nothing of ours waits on it.
   """
   if code is None:
     code = 0
