@@ -30,7 +30,11 @@ and TensorBoard lines each log interval) for each round, continuing from the pre
 Checkpoint saves and evaluations are not timed (fit does neither): the checkpointer given to
 `run_loop` saves nothing, and there is no eval data. Two rows:
   - labels: `digits_student.gin`, labels only (teacher "none") from the source shards: decode,
-    the recipe's online augmentation (none for digits: whole image, no RandAugment, no flip).
+    the recipe's online augmentation (none for digits: whole image, no RandAugment, no flip),
+    with `train.memory_cache=False` (the streaming input every other recipe reads);
+  - labels, memory_cache: the same as the recipe ships it, `train.memory_cache=True`: the
+    digits decoded once and held in memory, each step one gather of its batch (what fit's
+    arrays do);
   - distill: `digits_distill.gin` on D1 alone (teacher "records"): replay of the stored crop +
     RandAugment + JPEG round trip, KL against the stored teacher logits.
 
@@ -42,7 +46,7 @@ steps before it are done); ours `run_loop` for lead_in steps, then a timed `run_
 (it ends reading its statistics, so its steps are done). The lead-in takes what is not steady
 state out of the timed window on both sides: fit's new iterator and its first batches each
 call, and the batches ours prefetches while the other rows run (its iterator lives on). Rounds
-alternate the order (fit, labels, distill, then the reverse). Figures: images/s of the best and
+alternate the order (fit, labels, labels cached, distill, then the reverse). Figures: images/s of the best and
 the median round, images per CPU-second (median; throttling and other jobs on the machine
 change it less), and the ratio ours / fit (> 1: ours is faster). The trainer's own examples/s
 from history.jsonl (median over the log intervals of the timed calls) is printed as a check.
@@ -345,8 +349,10 @@ def main():
     source, d1 = digits_data(work, args.images, args.resolution)
     rows = {}
     labels = recipe_settings(LABELS_GIN, os.path.join(work, "run_labels"), width=args.width,
-                             **trainer_overrides(args, {"digits": source}))
+                             memory_cache=False, **trainer_overrides(args, {"digits": source}))
     rows["ours: labels, source shards"] = TrainerRow(labels)
+    rows["ours: labels, memory_cache"] = TrainerRow(dataclasses.replace(
+        labels, workdir=os.path.join(work, "run_cached"), memory_cache=True))
     rows["ours: distill, D1 replay"] = TrainerRow(recipe_settings(
         DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
         **trainer_overrides(args, {"d1": d1})))

@@ -123,6 +123,7 @@ class Settings:
   shard_policy: str
   shuffle: bool
   cycle_length: int
+  memory_cache: bool
   stop_after_steps: int | None
   op_determinism: bool
 
@@ -228,6 +229,7 @@ def train(
     shard_policy: str = "auto",
     shuffle: bool = True,
     cycle_length: int = 16,
+    memory_cache: bool = False,
     stop_after_steps: int | None = None,
     op_determinism: bool = False,
 ) -> dict:
@@ -272,6 +274,10 @@ def train(
       on GPU, float32 on CPU).
     steps_per_loop, log_every, checkpoint_every, eval_every, keep_checkpoints: cadence.
     seed, deterministic, shard_policy, shuffle, cycle_length: the input pipeline.
+    memory_cache: hold the run's one dataset in memory as pixels (source images decoded whole,
+      at most a flip; or distillation records replayed once) and gather whole batches, as
+      `fit` on arrays does; small data only (`pipeline.memory_cache_problem`). Its order
+      (and a source recipe's flips) are its own, not the streaming input's.
     stop_after_steps: stop (checkpointed) after this many steps of this invocation, as a
       preemption would; the schedule still spans the whole run.
     op_determinism: TensorFlow's deterministic kernels (bit-equal reruns; slower).
@@ -399,7 +405,7 @@ def build(plan: Plan) -> Run:
   """The input stream, then (in the strategy's scope) student, teacher and optimizer."""
   s = plan.settings
   options = pipeline.StreamOptions(
-      seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length,
+      seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length, memory_cache=s.memory_cache,
       supervised_recipe=supervised_recipe(s))
   batch_mix = None
   if s.mixup_alpha or s.cutmix_alpha:

@@ -87,6 +87,8 @@ def test_trainer_vs_fit_takes_the_recipes_settings_with_the_flags_put_in(tmp_pat
   assert distill.datasets == {"d1": "/d1"} and distill.teacher == "records"
   assert distill.distill_weight == 1.0 and distill.label_weight == 0.0
   assert labels.workdir == str(tmp_path / "a")
+  # The digits labels recipe ships with its memory cache; the distill recipe reads records.
+  assert labels.memory_cache and not distill.memory_cache
   assert gin.config_str() == ""  # gin is left cleared
 
 

@@ -227,7 +227,9 @@ def sample(recipe: Recipe, seed: tf.Tensor, image_shape, partner_shape=None) -> 
   return {k: tf.cast(v, PARAM_SPEC[k][1]) for k, v in params.items()}
 
 
-def _crop_resize_flip(image, crop, flip, resolution):
+def crop_resize_flip(image, crop, flip, resolution):
+  """uint8 image -> the `crop` box [y, x, h, w], resized bilinearly to resolution^2, rounded to
+  uint8, flipped left-right if `flip` > 0."""
   image = tf.image.crop_to_bounding_box(image, crop[0], crop[1], crop[2], crop[3])
   image = tf.image.resize(image, [resolution, resolution], method="bilinear")
   image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
@@ -317,7 +319,7 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
   if constants is None:
     constants = Recipe("default").ra_constants(resolution)
   constants = tf.cast(constants, tf.float32)
-  out = _crop_resize_flip(image, params["crop"], params["flip"], resolution)
+  out = crop_resize_flip(image, params["crop"], params["flip"], resolution)
   for i in range(ra_layers):
     out = tf.switch_case(
         params["ra_op"][i],
@@ -329,7 +331,7 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
     ratio = params["mix_ratio"]
 
     def mix():
-      other = tf.cast(_crop_resize_flip(partner, params["mix_crop"], params["mix_flip"],
+      other = tf.cast(crop_resize_flip(partner, params["mix_crop"], params["mix_flip"],
                                         resolution), tf.float32)
       return ratio * out + (1.0 - ratio) * other
 
@@ -348,5 +350,5 @@ def center_crop(image: tf.Tensor, resolution: int, fraction: float = 0.875) -> t
   y = (shape[0] - side) // 2
   x = (shape[1] - side) // 2
   crop = tf.stack([y, x, side, side])
-  out = _crop_resize_flip(image, crop, tf.constant(0), resolution)
+  out = crop_resize_flip(image, crop, tf.constant(0), resolution)
   return tf.cast(out, tf.float32) / 127.5 - 1.0

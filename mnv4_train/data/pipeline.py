@@ -158,6 +158,7 @@ class StreamOptions:
   shuffle: bool = True              # a fresh random order of each pair's records every epoch
   cycle_length: int = 16            # pairs read at once (interleaved one element each)
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
+  memory_cache: bool = False        # one small dataset held as pixels, batches gathered
 
 
 def _recipe(dataset: DatasetInfo, opts: StreamOptions) -> augment.Recipe | None:
@@ -220,6 +221,112 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
           .map(pick)
           .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1,
                       num_parallel_calls=min(opts.cycle_length, count), deterministic=True))
+
+
+# ---- the in-memory cache of one small source dataset -------------------------------------------
+
+MEMORY_CACHE_LIMIT_BYTES = 4 << 30  # decoded pixels at the training resolution
+
+
+def memory_cache_problem(datasets, recipe: augment.Recipe, resolution: int) -> str | None:
+  """Why `memory_cache` cannot serve this input (None: it can). It serves one dataset small
+  enough to hold as uint8 pixels at the training resolution: source shards whose recipe is the
+  whole image with at most a flip (what a fixed array serves), or distillation records whose
+  replayed pixels are whole grey levels (every recipe but mixup without the JPEG step)."""
+  if len(datasets) != 1:
+    return "it serves one dataset, not a mixture"
+  dataset = datasets[0]
+  if dataset.kind == "source":
+    if recipe.crop_area[0] < 1.0 or recipe.ra_layers or recipe.mixup or recipe.jpeg_quality:
+      return ("it serves source images whole with at most a flip (crop_area_min=1.0, "
+              "augment_layers=0), as the digits and Fashion-MNIST student recipes train")
+  elif dataset.recipe_settings is None:
+    return (f"the records of '{dataset.name}' do not record their recipe (built before "
+            "manifests held recipe_settings); rebuild them with data_prep.distill")
+  elif dataset.recipe_settings.mixup and not dataset.jpeg_quality:
+    return (f"the records of '{dataset.name}' replay mixed images as fractional grey levels "
+            "(mixup without the JPEG step), which it cannot hold as uint8")
+  size = dataset.num_examples * resolution * resolution * 3
+  if size > MEMORY_CACHE_LIMIT_BYTES:
+    return (f"the decoded images would take {size / 2**30:.1f} GiB, over its "
+            f"{MEMORY_CACHE_LIMIT_BYTES / 2**30:.0f} GiB limit")
+  return None
+
+
+def decode_all(dataset: DatasetInfo, resolution: int):
+  """Every image of a source-shards dataset, whole and resized as the streaming input gives it
+  (`augment.apply` with the full-image crop, no flip), uint8 [n, res, res, 3], with its labels
+  int32 [n], in file order."""
+  files = [p.source_shard for p in dataset.pairs]
+
+  def whole(serialized):
+    ex = records.parse_source(serialized)
+    image = augment.decode(ex["image/encoded"])
+    shape = tf.shape(image)
+    crop = tf.stack([0, 0, shape[0], shape[1]])
+    return (augment.crop_resize_flip(image, crop, tf.constant(0), resolution),
+            tf.cast(ex["image/label"], tf.int32))
+  images, labels = (tf.data.TFRecordDataset(files)
+                    .map(whole, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                    .batch(dataset.num_examples).get_single_element())
+  return images, labels
+
+
+def replay_all(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, resolution: int):
+  """Every record of a distillation dataset replayed once, in file order: uint8 pixels
+  [n, res, res, 3] (the replayed [-1, 1] pixels are v / 127.5 - 1 for whole grey levels v),
+  labels int32 [n] and teacher logits float32 [n, classes] (top-k: -inf elsewhere)."""
+  once = dataclasses.replace(opts, shuffle=False, cycle_length=1)  # pair after pair, in order
+  static = replay_static([dataset], once)
+
+  def levels(element):
+    out = replay(element, resolution, (dataset.jpeg_quality,), **static)
+    grey = tf.cast(tf.round((out["image"] + 1.0) * 127.5), tf.uint8)
+    return grey, out["label"], out["teacher"]
+  return (_stream(dataset, 0, num_classes, once, dataset.pairs, resolution)
+          .take(dataset.num_examples)
+          .map(levels, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .batch(dataset.num_examples).get_single_element())
+
+
+def _cached_stream(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, resolution: int,
+                   host_batch: int, num_hosts: int, host: int):
+  """Batches of one dataset held in memory as uint8 pixels (`decode_all` of source shards,
+  `replay_all` of records): step s of every host gathers its part of global positions
+  [s * B, (s + 1) * B) (B = host_batch * num_hosts) of the endless sequence of epochs, each epoch
+  a stateless permutation of the examples keyed by (seed, epoch); source recipes with a flip
+  draw one keyed flip per position of the step. All of it is batch-level work (a gather, a
+  where, a scale): the cost of `fit` on arrays."""
+  if dataset.kind == "source":
+    images, labels = decode_all(dataset, resolution)
+    teacher, flip = None, opts.supervised_recipe.flip
+  else:
+    images, labels, teacher = replay_all(dataset, num_classes, opts, resolution)
+    flip = False  # the records' own flips are in the replayed pixels
+  count = dataset.num_examples
+  global_batch = host_batch * num_hosts
+
+  def make(step):
+    pos = (step * global_batch + host * host_batch
+           + tf.range(host_batch, dtype=tf.int64))
+    epoch, j = pos // count, pos % count
+    if opts.shuffle:
+      seeds = tf.stack([tf.fill([host_batch], tf.constant(opts.seed, tf.int64)), epoch,
+                        tf.fill([host_batch], tf.constant(1_000_003, tf.int64))], axis=1)
+      j = tf.raw_ops.RandomIndexShuffle(index=j, seed=seeds,
+                                        max_index=tf.constant(count - 1, tf.int64), rounds=4)
+    x = tf.gather(images, j)
+    if flip:
+      key = tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 17, step])
+      flips = tf.random.stateless_uniform([global_batch], key)[host * host_batch:
+                                                                (host + 1) * host_batch] < 0.5
+      x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    return {"image": tf.cast(x, tf.float32) / 127.5 - 1.0, "label": tf.gather(labels, j),
+            "teacher": (tf.zeros([host_batch, num_classes], tf.float32) if teacher is None
+                        else tf.gather(teacher, j)),
+            "dataset": tf.zeros([host_batch], tf.int32)}
+  return tf.data.Dataset.counter().map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
 
 
 # ---- mixing ---------------------------------------------------------------------------------
@@ -351,6 +458,16 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
   if shard_policy == "files" and any(len(d.pairs) < num_hosts for d in datasets):
     raise ConfigError(f"shard_policy 'files' needs at least {num_hosts} files per dataset (one "
                       "per host); use shard_policy='data'")
+  if options.memory_cache:
+    problem = memory_cache_problem(datasets, options.supervised_recipe, resolution)
+    if problem:
+      raise ConfigError(f"train.memory_cache cannot hold this input: {problem}; set "
+                        "train.memory_cache=False")
+    ds = _cached_stream(datasets[0], num_classes, options, resolution, host_batch, num_hosts,
+                        host)
+    if batch_mix is not None:
+      ds = ds.map(lambda b: mix_batch(b, batch_mix))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
   per_host = shard_policy == "files" and num_hosts > 1
   streams = [_stream(d, i, num_classes, options,
                      d.pairs[host::num_hosts] if per_host else d.pairs, resolution)

@@ -1,0 +1,143 @@
+"""`train.memory_cache`: one small source dataset decoded once, batches gathered (issue 12)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mnv4_train.data import augment, pipeline
+from mnv4_train.errors import ConfigError
+from tests.conftest import load_source_arrays
+from tests.test_train import _history, _main
+
+WHOLE = augment.Recipe("supervised", crop_area=(1.0, 1.0), flip=False, const_resolution=None)
+FLIPS = augment.Recipe("supervised", crop_area=(1.0, 1.0), flip=True, const_resolution=None)
+
+
+def _cached(spec, recipe, host_batch, seed=0, num_hosts=1, host=0, resolution=32):
+  opts = pipeline.StreamOptions(seed=seed, supervised_recipe=recipe, memory_cache=True)
+  return pipeline.train_dataset([spec], resolution=resolution, host_batch=host_batch,
+                                num_classes=10, num_hosts=num_hosts, host=host, options=opts)
+
+
+def _keys(images, labels):
+  return sorted((int(y), x.tobytes()) for x, y in zip(images, labels))
+
+
+def test_each_epoch_is_every_image_once_with_the_streaming_inputs_pixels(source_shards):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  n = spec.num_examples
+  xs, ys, _ = load_source_arrays(source_shards[0])  # whole images, as the eval input makes them
+  batches = list(_cached(spec, WHOLE, host_batch=n // 4).take(8))  # two epochs
+  images = np.concatenate([b["image"].numpy() for b in batches])
+  labels = np.concatenate([b["label"].numpy() for b in batches])
+  assert _keys(images[:n], labels[:n]) == _keys(xs, ys)
+  assert _keys(images[n:], labels[n:]) == _keys(xs, ys)
+  assert not np.array_equal(labels[:n], labels[n:])  # each epoch its own order
+  assert not np.array_equal(labels[:n], ys)          # shuffled
+  # The streaming input of the same recipe gives the same pixels, image by image (its epochs
+  # overlap where one shard's pair ends before the other's, so compare images, not epochs).
+  opts = pipeline.StreamOptions(supervised_recipe=WHOLE)
+  stream = pipeline.train_dataset([spec], resolution=32, host_batch=n // 4, num_classes=10,
+                                  options=opts)
+  streamed = set(_keys(np.concatenate([b["image"].numpy() for b in stream.take(4)]),
+                       np.concatenate([b["label"].numpy() for b in stream.take(4)])))
+  assert len(streamed) > n // 2 and streamed <= set(_keys(xs, ys))
+  b = batches[0]
+  assert b["teacher"].shape == (n // 4, 10) and not np.any(b["teacher"].numpy())
+  assert b["dataset"].dtype == tf.int32
+
+
+def test_flips_mirror_about_half_the_images_and_the_order_is_the_seeds(source_shards):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  xs, ys, _ = load_source_arrays(source_shards[0])
+  plain = {x.tobytes() for x in xs}
+  mirrored = {x[:, ::-1].tobytes() for x in xs} - plain
+  first = list(_cached(spec, FLIPS, host_batch=50, seed=3).take(8))
+  images = np.concatenate([b["image"].numpy() for b in first])
+  flipped = [x.tobytes() in mirrored for x in images]
+  assert all(x.tobytes() in plain or f for x, f in zip(images, flipped))
+  assert 0.3 < np.mean(flipped) < 0.7
+  again = list(_cached(spec, FLIPS, host_batch=50, seed=3).take(8))
+  other = list(_cached(spec, FLIPS, host_batch=50, seed=4).take(8))
+  np.testing.assert_array_equal(images, np.concatenate([b["image"].numpy() for b in again]))
+  assert not np.array_equal(first[0]["label"].numpy(), other[0]["label"].numpy())
+
+
+def test_two_hosts_take_the_halves_of_one_hosts_batches(source_shards):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  one = list(_cached(spec, FLIPS, host_batch=60).take(5))
+  halves = [list(_cached(spec, FLIPS, host_batch=30, num_hosts=2, host=h).take(5))
+            for h in (0, 1)]
+  for whole, a, b in zip(one, *halves):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(whole[key].numpy(),
+                                    np.concatenate([a[key].numpy(), b[key].numpy()]))
+
+
+def test_a_restored_iterator_goes_on_with_the_same_batches(source_shards, tmp_path):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  ds = _cached(spec, FLIPS, host_batch=64)
+  it = iter(ds)
+  for _ in range(3):
+    next(it)
+  path = tf.train.Checkpoint(iterator=it).write(str(tmp_path / "it"))
+  expected = [next(it)["label"].numpy() for _ in range(4)]
+  fresh = iter(ds)
+  tf.train.Checkpoint(iterator=fresh).read(path).assert_consumed()
+  for want in expected:
+    np.testing.assert_array_equal(next(fresh)["label"].numpy(), want)
+
+
+def _pairs(batches):
+  """Sorted (pixels, teacher logits) byte strings of every element of `batches`."""
+  return sorted(x.tobytes() + t.tobytes() for b in batches
+                for x, t in zip(b["image"].numpy(), b["teacher"].numpy()))
+
+
+def test_records_are_replayed_once_to_the_streaming_replays_pixels_and_logits(distill_records):
+  d1 = pipeline.open_dataset(distill_records["d1"], "d1")  # JPEG round trip, full logits
+  n = d1.num_examples
+  cached = list(_cached(d1, WHOLE, host_batch=n // 4).take(8))  # two epochs
+  # The streaming replay, pair after pair in file order, once: the same records exactly.
+  once = pipeline.StreamOptions(shuffle=False, cycle_length=1)
+  stream = list(pipeline.train_dataset([d1], resolution=32, host_batch=n // 4, num_classes=10,
+                                       options=once).take(4))
+  assert _pairs(cached[:4]) == _pairs(stream) == _pairs(cached[4:])
+  labels = [np.concatenate([b["label"].numpy() for b in part]) for part in (cached[:4], stream)]
+  assert sorted(labels[0]) == sorted(labels[1]) and not np.array_equal(*labels)
+  # No extra flip on records: every cached image is a replayed one as it is.
+  streamed = {x.tobytes() for b in stream for x in b["image"].numpy()}
+  assert all(x.tobytes() in streamed for b in cached for x in b["image"].numpy())
+
+
+def test_inputs_it_cannot_hold_stop_with_a_config_error(source_shards, distill_records):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  d2 = pipeline.open_dataset(distill_records["d2"], "d2")  # mixup without the JPEG step
+  augmented = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0, const_resolution=None)
+  for datasets, recipe in [([spec], augmented), ([d2], WHOLE), ([spec, spec], WHOLE)]:
+    with pytest.raises(ConfigError, match="memory_cache=False"):
+      pipeline.train_dataset(datasets, resolution=32, host_batch=8, num_classes=10,
+                             options=pipeline.StreamOptions(supervised_recipe=recipe,
+                                                            memory_cache=True))
+  assert pipeline.memory_cache_problem([spec], WHOLE, 32) is None
+  assert "GiB" in pipeline.memory_cache_problem([spec], WHOLE, 100_000)
+
+
+def test_a_cached_label_only_run_trains_and_resumes(source_shards, tmp_path):
+  work = str(tmp_path / "cached")
+  bindings = [f"train.datasets={{'a': '{source_shards[0]}'}}", "train.teacher='none'",
+              "train.distill_weight=0.0", "train.label_weight=1.0", "train.memory_cache=True",
+              "train.crop_area_min=1.0", "train.augment_layers=0", "train.flip=True"]
+  _main(work, *bindings, "train.stop_after_steps=2", "train.checkpoint_every=2")
+  _main(work, *bindings)
+  metrics = json.load(open(os.path.join(work, "metrics.json")))
+  assert metrics["finished"] and metrics["step"] == 3
+  assert [h["step"] for h in _history(work)] == [1, 2, 3]
+  assert all(np.isfinite(h["loss"]) for h in _history(work))
+  # With RandAugment on, the run stops with one line naming the setting.
+  proc = _main(str(tmp_path / "bad"), *bindings[:-3], "train.augment_layers=2", check=False)
+  assert proc.returncode == 2 and "train.memory_cache" in proc.stderr
+  assert "Traceback" not in proc.stderr
