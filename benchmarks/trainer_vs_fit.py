@@ -36,7 +36,9 @@ Checkpoint saves and evaluations are not timed (fit does neither): the checkpoin
     digits decoded once and held in memory, each step one gather of its batch (what fit's
     arrays do);
   - distill: `digits_distill.gin` on D1 alone (teacher "records"): replay of the stored crop +
-    RandAugment + JPEG round trip, KL against the stored teacher logits.
+    RandAugment + JPEG round trip, KL against the stored teacher logits;
+  - distill, memory_cache: the same with `train.memory_cache=True` (not the recipe's setting):
+    every record replayed once into memory before training, each step one gather.
 
 Timing, the same for every row: first one untimed call of `--warmup` steps (tracing, tf.data
 start), then `--rounds` rounds. A round runs `--lead_in` untimed steps, then times `--steps`
@@ -46,7 +48,8 @@ steps before it are done); ours `run_loop` for lead_in steps, then a timed `run_
 (it ends reading its statistics, so its steps are done). The lead-in takes what is not steady
 state out of the timed window on both sides: fit's new iterator and its first batches each
 call, and the batches ours prefetches while the other rows run (its iterator lives on). Rounds
-alternate the order (fit, labels, labels cached, distill, then the reverse). Figures: images/s of the best and
+alternate the order (fit, labels, labels cached, distill, distill cached, then
+the reverse). Figures: images/s of the best and
 the median round, images per CPU-second (median; throttling and other jobs on the machine
 change it less), and the ratio ours / fit (> 1: ours is faster). The trainer's own examples/s
 from history.jsonl (median over the log intervals of the timed calls) is printed as a check.
@@ -353,9 +356,11 @@ def main():
     rows["ours: labels, source shards"] = TrainerRow(labels)
     rows["ours: labels, memory_cache"] = TrainerRow(dataclasses.replace(
         labels, workdir=os.path.join(work, "run_cached"), memory_cache=True))
-    rows["ours: distill, D1 replay"] = TrainerRow(recipe_settings(
-        DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
-        **trainer_overrides(args, {"d1": d1})))
+    distill = recipe_settings(DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
+                              **trainer_overrides(args, {"d1": d1}))
+    rows["ours: distill, D1 replay"] = TrainerRow(distill)
+    rows["ours: distill, D1 memory_cache"] = TrainerRow(dataclasses.replace(
+        distill, workdir=os.path.join(work, "run_distill_cached"), memory_cache=True))
     images, y = source_arrays(source, args.resolution)
     anchor = "anchor: keras fit, in-memory arrays"
     # Built last, under the global dtype policy the trainer's plan set.
@@ -377,7 +382,7 @@ def main():
       for name in order:
         results[name].append(timed(rows[name], args.lead_in, args.steps, args.batch))
       print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-          f"{name.split(',')[0]} {results[name][-1].images_per_second:.1f}" for name in rows)
+          f"{name.split(': ')[-1]} {results[name][-1].images_per_second:.1f}" for name in rows)
             + " images/s", flush=True)
 
     print(f"\nMNv4 Conv-S x{args.width}, {args.resolution}px, batch {args.batch}, "

@@ -8,7 +8,8 @@ each beside the source shard of the same name. Its stream, per host:
      record file in one op, shuffle the pair's records, attach each record's image, mixup
      partner and label (cheap: no decoding yet)
   -> mixing of the datasets by weight, optionally a schedule of weights over training steps
-     (`tf.data.Dataset.sample_from_datasets` with a dataset of weights)
+     (`tf.data.Dataset.sample_from_datasets` with a dataset of weights), read ahead in one
+     thread (a prefetch: the interleaves below it are sequential, see `_stream`)
   -> host sharding -> replay: decode + `augment.apply` with the recorded parameters and the
      dataset's JPEG quality (its manifest's recipe_spec), the very function the Beam job ran
      before the teacher -> batch -> prefetch.
@@ -217,10 +218,14 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
     return _permuted(src_count, _pair_seed(opts.seed, index, epoch, k), opts.shuffle).map(draw)
 
   make_pair = distill_pair if dataset.kind == "distill" else source_pair
+  # A sequential interleave: `train_dataset` reads it ahead in one thread (a prefetch above the
+  # mixing). tf.data's parallel interleave crashed the process (SIGSEGV in
+  # ParallelInterleaveIterator::WriteFutureElements) when `sample_from_datasets` saved it as a
+  # symbolic checkpoint while its workers ran, about one run in four of a two-dataset mixture
+  # here; it also cost ~0.4 CPU ms per element in thread hand-offs (issue 12).
   return (tf.data.Dataset.counter()
           .map(pick)
-          .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1,
-                      num_parallel_calls=min(opts.cycle_length, count), deterministic=True))
+          .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1))
 
 
 # ---- the in-memory cache of one small source dataset -------------------------------------------
@@ -473,7 +478,7 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
                      d.pairs[host::num_hosts] if per_host else d.pairs, resolution)
              for i, d in enumerate(datasets)]
   step_examples = host_batch if per_host else host_batch * num_hosts
-  ds = mix(streams, boundaries, table, step_examples, options.seed)
+  ds = mix(streams, boundaries, table, step_examples, options.seed).prefetch(tf.data.AUTOTUNE)
   if shard_policy == "data" and num_hosts > 1:
     ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
   qualities = tuple(d.jpeg_quality for d in datasets)
