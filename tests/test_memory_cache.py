@@ -66,20 +66,50 @@ def test_flips_mirror_about_half_the_images_and_the_order_is_the_seeds(source_sh
   assert not np.array_equal(first[0]["label"].numpy(), other[0]["label"].numpy())
 
 
-def test_two_hosts_take_the_halves_of_one_hosts_batches(source_shards):
+def test_two_hosts_take_the_halves_of_one_hosts_batches(source_shards, distill_records):
   spec = pipeline.open_dataset(source_shards[0], "a")
-  one = list(_cached(spec, FLIPS, host_batch=60).take(5))
-  halves = [list(_cached(spec, FLIPS, host_batch=30, num_hosts=2, host=h).take(5))
-            for h in (0, 1)]
+  d1 = pipeline.open_dataset(distill_records["d1"], "d1")
+  one = list(_cached_mix([spec, d1], 60).take(5))
+  halves = [list(_cached_mix([spec, d1], 30, num_hosts=2, host=h).take(5)) for h in (0, 1)]
   for whole, a, b in zip(one, *halves):
-    for key in ("image", "label"):
+    for key in ("image", "label", "teacher", "dataset"):
       np.testing.assert_array_equal(whole[key].numpy(),
                                     np.concatenate([a[key].numpy(), b[key].numpy()]))
 
 
-def test_a_restored_iterator_goes_on_with_the_same_batches(source_shards, tmp_path):
+def _cached_mix(datasets, host_batch, **kwargs):
+  opts = pipeline.StreamOptions(supervised_recipe=FLIPS, memory_cache=True)
+  return pipeline.train_dataset(datasets, resolution=32, host_batch=host_batch, num_classes=10,
+                                options=opts, **kwargs)
+
+
+def test_a_mixture_draws_by_weight_each_dataset_epoch_by_epoch_and_follows_a_schedule(
+    source_shards, distill_records):
+  d1 = pipeline.open_dataset(distill_records["d1"], "d1")  # 400 records
+  spec = pipeline.open_dataset(source_shards[0], "src")   # 200 images, flipped half the time
+  batches = list(_cached_mix([d1, spec], 50, weights={"d1": 0.75, "src": 0.25}).take(24))
+  which = np.concatenate([b["dataset"].numpy() for b in batches])
+  assert 0.68 < np.mean(which == 0) < 0.82
+  # The first 400 draws of D1 are its 400 records once each, with their teacher logits.
+  d1_alone = list(_cached(d1, WHOLE, host_batch=100).take(4))
+  mixed_d1 = [{k: b[k].numpy()[b["dataset"].numpy() == 0] for k in ("image", "teacher")}
+              for b in batches]
+  firsts = {k: np.concatenate([m[k] for m in mixed_d1])[:400] for k in ("image", "teacher")}
+  assert _pairs([firsts]) == _pairs(d1_alone)
+  # Source images: no teacher, flipped or not.
+  src = np.concatenate([b["teacher"].numpy()[b["dataset"].numpy() == 1] for b in batches])
+  assert len(src) > 100 and not np.any(src)
+  # A schedule: D1 alone for steps 0-4, the sources alone from step 5 on.
+  schedule = [(0, {"d1": 1.0}), (5, {"src": 1.0})]
+  steps = [b["dataset"].numpy() for b in _cached_mix([d1, spec], 20, schedule=schedule).take(8)]
+  assert all(np.all(s == 0) for s in steps[:5]) and all(np.all(s == 1) for s in steps[5:])
+
+
+def test_a_restored_iterator_goes_on_with_the_same_batches(source_shards, distill_records,
+                                                           tmp_path):
   spec = pipeline.open_dataset(source_shards[0], "a")
-  ds = _cached(spec, FLIPS, host_batch=64)
+  d1 = pipeline.open_dataset(distill_records["d1"], "d1")
+  ds = _cached_mix([d1, spec], 64)
   it = iter(ds)
   for _ in range(3):
     next(it)
@@ -94,7 +124,7 @@ def test_a_restored_iterator_goes_on_with_the_same_batches(source_shards, tmp_pa
 def _pairs(batches):
   """Sorted (pixels, teacher logits) byte strings of every element of `batches`."""
   return sorted(x.tobytes() + t.tobytes() for b in batches
-                for x, t in zip(b["image"].numpy(), b["teacher"].numpy()))
+                for x, t in zip(np.asarray(b["image"]), np.asarray(b["teacher"])))
 
 
 def test_records_are_replayed_once_to_the_streaming_replays_pixels_and_logits(distill_records):
@@ -117,7 +147,7 @@ def test_inputs_it_cannot_hold_stop_with_a_config_error(source_shards, distill_r
   spec = pipeline.open_dataset(source_shards[0], "a")
   d2 = pipeline.open_dataset(distill_records["d2"], "d2")  # mixup without the JPEG step
   augmented = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0, const_resolution=None)
-  for datasets, recipe in [([spec], augmented), ([d2], WHOLE), ([spec, spec], WHOLE)]:
+  for datasets, recipe in [([spec], augmented), ([d2], WHOLE), ([spec, d2], WHOLE)]:
     with pytest.raises(ConfigError, match="memory_cache=False"):
       pipeline.train_dataset(datasets, resolution=32, host_batch=8, num_classes=10,
                              options=pipeline.StreamOptions(supervised_recipe=recipe,

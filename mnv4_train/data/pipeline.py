@@ -234,24 +234,22 @@ MEMORY_CACHE_LIMIT_BYTES = 4 << 30  # decoded pixels at the training resolution
 
 
 def memory_cache_problem(datasets, recipe: augment.Recipe, resolution: int) -> str | None:
-  """Why `memory_cache` cannot serve this input (None: it can). It serves one dataset small
-  enough to hold as uint8 pixels at the training resolution: source shards whose recipe is the
-  whole image with at most a flip (what a fixed array serves), or distillation records whose
+  """Why `memory_cache` cannot serve this input (None: it can). It serves datasets small enough
+  to hold as uint8 pixels at the training resolution: source shards whose recipe is the whole
+  image with at most a flip (what a fixed array serves), and distillation records whose
   replayed pixels are whole grey levels (every recipe but mixup without the JPEG step)."""
-  if len(datasets) != 1:
-    return "it serves one dataset, not a mixture"
-  dataset = datasets[0]
-  if dataset.kind == "source":
-    if recipe.crop_area[0] < 1.0 or recipe.ra_layers or recipe.mixup or recipe.jpeg_quality:
-      return ("it serves source images whole with at most a flip (crop_area_min=1.0, "
-              "augment_layers=0), as the digits and Fashion-MNIST student recipes train")
-  elif dataset.recipe_settings is None:
-    return (f"the records of '{dataset.name}' do not record their recipe (built before "
-            "manifests held recipe_settings); rebuild them with data_prep.distill")
-  elif dataset.recipe_settings.mixup and not dataset.jpeg_quality:
-    return (f"the records of '{dataset.name}' replay mixed images as fractional grey levels "
-            "(mixup without the JPEG step), which it cannot hold as uint8")
-  size = dataset.num_examples * resolution * resolution * 3
+  for dataset in datasets:
+    if dataset.kind == "source":
+      if recipe.crop_area[0] < 1.0 or recipe.ra_layers or recipe.mixup or recipe.jpeg_quality:
+        return ("it serves source images whole with at most a flip (crop_area_min=1.0, "
+                "augment_layers=0), as the digits and Fashion-MNIST student recipes train")
+    elif dataset.recipe_settings is None:
+      return (f"the records of '{dataset.name}' do not record their recipe (built before "
+              "manifests held recipe_settings); rebuild them with data_prep.distill")
+    elif dataset.recipe_settings.mixup and not dataset.jpeg_quality:
+      return (f"the records of '{dataset.name}' replay mixed images as fractional grey levels "
+              "(mixup without the JPEG step), which it cannot hold as uint8")
+  size = sum(d.num_examples for d in datasets) * resolution * resolution * 3
   if size > MEMORY_CACHE_LIMIT_BYTES:
     return (f"the decoded images would take {size / 2**30:.1f} GiB, over its "
             f"{MEMORY_CACHE_LIMIT_BYTES / 2**30:.0f} GiB limit")
@@ -294,44 +292,68 @@ def replay_all(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, reso
           .batch(dataset.num_examples).get_single_element())
 
 
-def _cached_stream(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, resolution: int,
-                   host_batch: int, num_hosts: int, host: int):
-  """Batches of one dataset held in memory as uint8 pixels (`decode_all` of source shards,
-  `replay_all` of records): step s of every host gathers its part of global positions
-  [s * B, (s + 1) * B) (B = host_batch * num_hosts) of the endless sequence of epochs, each epoch
-  a stateless permutation of the examples keyed by (seed, epoch); source recipes with a flip
-  draw one keyed flip per position of the step. All of it is batch-level work (a gather, a
-  where, a scale): the cost of `fit` on arrays."""
-  if dataset.kind == "source":
-    images, labels = decode_all(dataset, resolution)
-    teacher, flip = None, opts.supervised_recipe.flip
-  else:
-    images, labels, teacher = replay_all(dataset, num_classes, opts, resolution)
-    flip = False  # the records' own flips are in the replayed pixels
-  count = dataset.num_examples
-  global_batch = host_batch * num_hosts
+def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: int,
+                   host_batch: int, num_hosts: int, host: int, boundaries, table):
+  """Batches of datasets held in memory as uint8 pixels (`decode_all` of source shards,
+  `replay_all` of records), mixed by the weight table, all of it batch-level work (a draw, a
+  gather, a where, a scale: the cost of `fit` on arrays).
 
-  def make(step):
-    pos = (step * global_batch + host * host_batch
-           + tf.range(host_batch, dtype=tf.int64))
-    epoch, j = pos // count, pos % count
+  Step s draws the dataset of each of the B = host_batch * num_hosts positions of the global
+  batch from the weights of step s (keyed by (seed, step)); the k-th draw of a dataset takes
+  position k of its endless sequence of epochs, each epoch a stateless permutation of its
+  examples keyed by (seed, epoch, dataset); the running draw counts are the `scan` state, so
+  a restored iterator goes on where it was. Source recipes with a flip draw one keyed flip per
+  position. Every host computes the global batch's draws and gathers its own part.
+  """
+  images, labels, teachers, flippable = [], [], [], []
+  for d in datasets:
+    if d.kind == "source":
+      x, y = decode_all(d, resolution)
+      t = tf.zeros([d.num_examples, num_classes], tf.float32)
+      flippable.append(opts.supervised_recipe.flip)
+    else:
+      x, y, t = replay_all(d, num_classes, opts, resolution)
+      flippable.append(False)  # the records' own flips are in the replayed pixels
+    images.append(x)
+    labels.append(y)
+    teachers.append(t)
+  images, labels, teachers = (tf.concat(images, 0), tf.concat(labels, 0),
+                              tf.concat(teachers, 0))
+  sizes = [d.num_examples for d in datasets]
+  counts = tf.constant(sizes, tf.int64)
+  offsets = tf.constant([sum(sizes[:i]) for i in range(len(sizes))], tf.int64)
+  flippable = tf.constant(flippable)
+  bounds = tf.constant(boundaries, tf.int64)
+  log_weights = tf.math.log(tf.constant(table, tf.float32))
+  mixed, size, mine = len(datasets) > 1, host_batch * num_hosts, slice(
+      host * host_batch, (host + 1) * host_batch)
+
+  def make(drawn, step):
+    if mixed:
+      row = tf.searchsorted(bounds, step[None], side="right")[0] - 1
+      key = tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 29, step])
+      choice = tf.random.stateless_categorical(log_weights[row][None], size, key)[0]
+    else:
+      choice = tf.zeros([size], tf.int64)
+    one_hot = tf.one_hot(choice, len(sizes), dtype=tf.int64)
+    k = (tf.gather(drawn, choice)
+         + tf.reduce_sum(tf.cumsum(one_hot, axis=0, exclusive=True) * one_hot, axis=1))
+    n = tf.gather(counts, choice)
+    epoch, j = k // n, k % n
     if opts.shuffle:
-      seeds = tf.stack([tf.fill([host_batch], tf.constant(opts.seed, tf.int64)), epoch,
-                        tf.fill([host_batch], tf.constant(1_000_003, tf.int64))], axis=1)
-      j = tf.raw_ops.RandomIndexShuffle(index=j, seed=seeds,
-                                        max_index=tf.constant(count - 1, tf.int64), rounds=4)
-    x = tf.gather(images, j)
-    if flip:
-      key = tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 17, step])
-      flips = tf.random.stateless_uniform([global_batch], key)[host * host_batch:
-                                                                (host + 1) * host_batch] < 0.5
-      x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
-    return {"image": tf.cast(x, tf.float32) / 127.5 - 1.0, "label": tf.gather(labels, j),
-            "teacher": (tf.zeros([host_batch, num_classes], tf.float32) if teacher is None
-                        else tf.gather(teacher, j)),
-            "dataset": tf.zeros([host_batch], tf.int32)}
-  return tf.data.Dataset.counter().map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                                       deterministic=True)
+      seeds = tf.stack([tf.fill([size], tf.constant(opts.seed, tf.int64)), epoch,
+                        1_000_003 + choice], axis=1)
+      j = tf.raw_ops.RandomIndexShuffle(index=j, seed=seeds, max_index=n - 1, rounds=4)
+    index = (tf.gather(offsets, choice) + j)[mine]
+    x = tf.gather(images, index)
+    flips = tf.random.stateless_uniform(
+        [size], tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 17, step])) < 0.5
+    flips = tf.logical_and(flips, tf.gather(flippable, choice))[mine]
+    x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    return drawn + tf.reduce_sum(one_hot, axis=0), {
+        "image": tf.cast(x, tf.float32) / 127.5 - 1.0, "label": tf.gather(labels, index),
+        "teacher": tf.gather(teachers, index), "dataset": tf.cast(choice[mine], tf.int32)}
+  return tf.data.Dataset.counter().scan(tf.zeros([len(sizes)], tf.int64), make)
 
 
 # ---- mixing ---------------------------------------------------------------------------------
@@ -468,8 +490,8 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
     if problem:
       raise ConfigError(f"train.memory_cache cannot hold this input: {problem}; set "
                         "train.memory_cache=False")
-    ds = _cached_stream(datasets[0], num_classes, options, resolution, host_batch, num_hosts,
-                        host)
+    ds = _cached_stream(datasets, num_classes, options, resolution, host_batch, num_hosts,
+                        host, boundaries, table)
     if batch_mix is not None:
       ds = ds.map(lambda b: mix_batch(b, batch_mix))
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
