@@ -183,7 +183,8 @@ GIN_SURFACE = {
     "mixed_precision": "auto", "steps_per_loop": 100, "log_every": 100,
     "checkpoint_every": 1000, "eval_every": None, "keep_checkpoints": 3,
     "eval_batch_size": 256, "eval_crop": 0.875, "seed": 0, "deterministic": True,
-    "shard_policy": "auto", "shuffle": True, "cycle_length": 16, "stop_after_steps": None,
+    "shard_policy": "auto", "shuffle": True, "cycle_length": 16, "memory_cache": False,
+    "stop_after_steps": None,
     "op_determinism": False,
 }
 
