@@ -274,10 +274,10 @@ def train(
       on GPU, float32 on CPU).
     steps_per_loop, log_every, checkpoint_every, eval_every, keep_checkpoints: cadence.
     seed, deterministic, shard_policy, shuffle, cycle_length: the input pipeline.
-    memory_cache: hold the run's one dataset in memory as pixels (source images decoded whole,
-      at most a flip; or distillation records replayed once) and gather whole batches, as
-      `fit` on arrays does; small data only (`pipeline.memory_cache_problem`). Its order
-      (and a source recipe's flips) are its own, not the streaming input's.
+    memory_cache: hold the run's datasets in memory as pixels (source images decoded whole,
+      at most a flip; distillation records replayed once) and gather whole batches, as `fit`
+      on arrays does; small data only (`pipeline.memory_cache_problem`). Its order (and a
+      source recipe's flips) are its own, not the streaming input's.
     stop_after_steps: stop (checkpointed) after this many steps of this invocation, as a
       preemption would; the schedule still spans the whole run.
     op_determinism: TensorFlow's deterministic kernels (bit-equal reruns; slower).

@@ -74,8 +74,6 @@ def _user_folder(root):
   return str(root / "mine"), count
 
 
-@pytest.mark.slow
-@pytest.mark.lead(1)
 def _as_from_a_terminal():
   """The child starts with Ctrl-C as a terminal gives it: SIGINT neither ignored nor blocked.
   A suite launched as a background job (`pytest ... &` from a script) runs with SIGINT ignored,
@@ -84,6 +82,8 @@ def _as_from_a_terminal():
   signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
+@pytest.mark.lead(1)
 def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
   folder, good = _user_folder(tmp_path)
   ws = str(tmp_path / "ws")

@@ -159,7 +159,7 @@ class StreamOptions:
   shuffle: bool = True              # a fresh random order of each pair's records every epoch
   cycle_length: int = 16            # pairs read at once (interleaved one element each)
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
-  memory_cache: bool = False        # one small dataset held as pixels, batches gathered
+  memory_cache: bool = False        # small datasets held as pixels, batches gathered
 
 
 def _recipe(dataset: DatasetInfo, opts: StreamOptions) -> augment.Recipe | None:
@@ -228,7 +228,7 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
           .interleave(make_pair, cycle_length=min(opts.cycle_length, count), block_length=1))
 
 
-# ---- the in-memory cache of one small source dataset -------------------------------------------
+# ---- the in-memory cache of small datasets (`memory_cache`) --------------------------------------
 
 MEMORY_CACHE_LIMIT_BYTES = 4 << 30  # decoded pixels at the training resolution
 
@@ -322,7 +322,7 @@ def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: 
   sizes = [d.num_examples for d in datasets]
   counts = tf.constant(sizes, tf.int64)
   offsets = tf.constant([sum(sizes[:i]) for i in range(len(sizes))], tf.int64)
-  flippable = tf.constant(flippable)
+  any_flips, flippable = any(flippable), tf.constant(flippable)
   bounds = tf.constant(boundaries, tf.int64)
   log_weights = tf.math.log(tf.constant(table, tf.float32))
   mixed, size, mine = len(datasets) > 1, host_batch * num_hosts, slice(
@@ -346,10 +346,11 @@ def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: 
       j = tf.raw_ops.RandomIndexShuffle(index=j, seed=seeds, max_index=n - 1, rounds=4)
     index = (tf.gather(offsets, choice) + j)[mine]
     x = tf.gather(images, index)
-    flips = tf.random.stateless_uniform(
-        [size], tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 17, step])) < 0.5
-    flips = tf.logical_and(flips, tf.gather(flippable, choice))[mine]
-    x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
+    if any_flips:
+      flips = tf.random.stateless_uniform(
+          [size], tf.stack([tf.constant(opts.seed, tf.int64) * 1_000_003 + 17, step])) < 0.5
+      flips = tf.logical_and(flips, tf.gather(flippable, choice))[mine]
+      x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
     return drawn + tf.reduce_sum(one_hot, axis=0), {
         "image": tf.cast(x, tf.float32) / 127.5 - 1.0, "label": tf.gather(labels, index),
         "teacher": tf.gather(teachers, index), "dataset": tf.cast(choice[mine], tf.int32)}
@@ -492,9 +493,18 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
                         "train.memory_cache=False")
     ds = _cached_stream(datasets, num_classes, options, resolution, host_batch, num_hosts,
                         host, boundaries, table)
-    if batch_mix is not None:
-      ds = ds.map(lambda b: mix_batch(b, batch_mix))
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic))
+  else:
+    ds = _streamed(datasets, resolution, host_batch, num_classes, boundaries, table, num_hosts,
+                   host, shard_policy, options)
+  if batch_mix is not None:
+    ds = ds.map(lambda b: mix_batch(b, batch_mix))  # sequential: the RNG draws stay in order
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options(deterministic))
+
+
+def _streamed(datasets, resolution, host_batch, num_classes, boundaries, table, num_hosts,
+              host, shard_policy, options):
+  """`train_dataset`'s streaming input: per-dataset streams, mixed, replayed, batched."""
   per_host = shard_policy == "files" and num_hosts > 1
   streams = [_stream(d, i, num_classes, options,
                      d.pairs[host::num_hosts] if per_host else d.pairs, resolution)
@@ -505,13 +515,9 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
     ds = ds.batch(host_batch, drop_remainder=True).shard(num_hosts, host).unbatch()
   qualities = tuple(d.jpeg_quality for d in datasets)
   static = replay_static(datasets, options)
-  ds = (ds.map(lambda e: replay(e, resolution, qualities, **static),
-               num_parallel_calls=tf.data.AUTOTUNE)
-        .batch(host_batch, drop_remainder=True))
-  if batch_mix is not None:
-    ds = ds.map(lambda b: mix_batch(b, batch_mix))  # sequential: the RNG draws stay in order
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options(deterministic))
+  return (ds.map(lambda e: replay(e, resolution, qualities, **static),
+                 num_parallel_calls=tf.data.AUTOTUNE)
+          .batch(host_batch, drop_remainder=True))
 
 
 def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: float = 0.875):
