@@ -39,7 +39,6 @@ from apache_beam.ml.inference.base import RunInference
 from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats, records
 from mnv4_train.errors import ArgumentParser, ConfigError, run_then_exit
-from mnv4_train.models import checkpoint
 
 
 def parse_args(argv):
@@ -360,7 +359,7 @@ def _write_manifest(stats, folder, dead, info):
 def check_inputs(args):
   """Loads the manifests and the teacher; one clear error for each mismatch."""
   source = formats.SourceShards.read(args.source, "--source")
-  teacher = checkpoint.load_model(args.teacher, what="--teacher")
+  teacher = transforms.load_teacher(args.teacher, what="--teacher")
   resolution = args.resolution or transforms.teacher_resolution(teacher, 224)
   classes = transforms.teacher_output_classes(teacher, resolution)
   if source.num_classes and classes != source.num_classes:

@@ -31,7 +31,6 @@ from apache_beam.ml.inference.base import RunInference
 from data_prep import console, files, transforms
 from mnv4_train.data import augment, formats
 from mnv4_train.errors import ArgumentParser, run_then_exit
-from mnv4_train.models import checkpoint
 
 CLASSES_PER_FILE = 64
 
@@ -229,7 +228,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
   corpus = formats.SourceShards.read(args.corpus, "--corpus")
-  classifier = checkpoint.load_model(args.classifier, what="--classifier")
+  classifier = transforms.load_teacher(args.classifier, what="--classifier")
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
   num_classes = transforms.teacher_output_classes(classifier, resolution)
   logging.info("select_d3: %d corpus images, threshold %.2f, K=%d, %d classes -> %s",

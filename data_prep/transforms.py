@@ -210,6 +210,32 @@ def _forward_fn(model):
   return lambda x: next(iter(signature(x).values()))
 
 
+_LOADED: dict = {}  # the last teacher this process loaded: {(path, size, mtime): model}
+
+
+def load_teacher(path: str, what: str = "teacher"):
+  """A teacher or classifier, loaded once per process while its file stays the same.
+
+  A job's launcher loads the teacher to check it (`check_inputs`), and RunInference loads it
+  again in every worker; with the in-process runner (the default) both are this process, and
+  the second load (about 0.4 s for Conv-S) is the first one's model. The key is the path with
+  its size and modification time, so a teacher rewritten in place loads anew; only the last
+  model is kept. Inference only: callers never train or change it.
+  """
+  try:
+    stat = tf.io.gfile.stat(path)
+    key = (path, stat.length, stat.mtime_nsec)
+  except tf.errors.OpError:  # a folder (SavedModel) or a missing path: no cache
+    key = None
+  if key is not None and key in _LOADED:
+    return _LOADED[key]
+  model = checkpoint.load_model(path, what=what)
+  if key is not None:
+    _LOADED.clear()
+    _LOADED[key] = model
+  return model
+
+
 class TeacherHandler(tf_inference.TFModelHandlerTensor):
   """RunInference handler for a teacher: a `.keras` file or a TensorFlow SavedModel folder.
 
@@ -219,7 +245,7 @@ class TeacherHandler(tf_inference.TFModelHandlerTensor):
   """
 
   def load_model(self):
-    return checkpoint.load_model(self._model_uri, what="teacher")
+    return load_teacher(self._model_uri)
 
 
 def teacher_handler(path: str):
@@ -230,7 +256,14 @@ def teacher_handler(path: str):
 
 
 def teacher_output_classes(model, resolution: int) -> int:
-  """The number of logits a teacher produces, by running it once on a blank image."""
+  """The number of logits a teacher produces: its Keras output shape where the model states it
+  and takes `resolution`, else by running it once on a blank image."""
+  outputs = getattr(model, "output_shape", None)
+  inputs = getattr(model, "input_shape", None)
+  if (isinstance(outputs, tuple) and len(outputs) == 2 and outputs[-1]
+      and isinstance(inputs, tuple) and len(inputs) == 4
+      and inputs[1] in (None, resolution) and inputs[2] in (None, resolution)):
+    return int(outputs[-1])
   out = _forward_fn(model)(tf.zeros((1, resolution, resolution, 3)))
   return int(np.asarray(out).shape[-1])
 

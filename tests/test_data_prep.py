@@ -426,6 +426,25 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, teacher_path, tmp_pa
   assert not os.path.exists(f"{tmp_path}/y") and not os.path.exists(f"{tmp_path}/y.tmp")
 
 
+def test_a_teacher_loads_once_per_process_until_its_file_changes_and_states_its_classes(
+    tmp_path):
+  from mnv4_train import models
+  path = str(tmp_path / "t.keras")
+  models.build("conv_s", num_classes=7, width=0.25, resolution=32).save(path)
+  first = transforms.load_teacher(path)
+  assert transforms.load_teacher(path) is first  # the job's check and its RunInference share it
+  # The class count from the Keras output shape equals what a forward pass gives.
+  assert transforms.teacher_output_classes(first, 32) == 7
+  assert int(transforms._forward_fn(first)(tf.zeros((1, 32, 32, 3))).shape[-1]) == 7
+  # A teacher rewritten in place is a new model, not the cached one.
+  models.build("conv_s", num_classes=5, width=0.25, resolution=32).save(path)
+  second = transforms.load_teacher(path)
+  assert second is not first and transforms.teacher_output_classes(second, 32) == 5
+  # A model without a fixed input shape, at another resolution, still reports its classes.
+  free = models.build("conv_s", num_classes=3, width=0.25, resolution=None)
+  assert transforms.teacher_output_classes(free, 48) == 3
+
+
 def test_a_failing_job_leaves_no_output_that_looks_complete(source_shards, teacher_path,
                                                           tmp_path):
   src, manifest = source_shards
