@@ -236,6 +236,11 @@ def load_teacher(path: str, what: str = "teacher"):
   return model
 
 
+def forget_teachers():
+  """Drops the kept teacher: the next `load_teacher` reads its file again."""
+  _LOADED.clear()
+
+
 class TeacherHandler(tf_inference.TFModelHandlerTensor):
   """RunInference handler for a teacher: a `.keras` file or a TensorFlow SavedModel folder.
 
