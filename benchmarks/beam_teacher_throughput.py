@@ -20,8 +20,10 @@ Ours: `data_prep.distill`, timed end to end (pipeline start-up included), three 
     whose every worker processes millions of images, runs at.
 The in-process runs follow the anchors in the same process, so Python imports and AutoGraph's
 conversion of the augmentation code are already done (a fresh worker pays them once, in the
-fixed cost of the first run); the teacher is loaded anew by each job (the process keeps the last
-teacher it loaded, `transforms.load_teacher`, which a job's check and its RunInference share). Ratios are against the teacher alone (the issue's goal >= 0.5x).
+fixed cost of the first run); the teacher is loaded and the augmentation traced anew by each job
+(a process keeps the last teacher it loaded, `transforms.load_teacher`, which a job's check and
+its RunInference share, and its traced augmentation, `distill.augment_function`, which the task
+instances of a multi-threaded worker share). Ratios are against the teacher alone (the issue's goal >= 0.5x).
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def main():
 
     def job(replicas, flags, name):
       out = os.path.join(work, name)
-      transforms.forget_teachers()  # each job loads its teacher once, as a fresh job does
+      transforms.forget_teachers()  # each job loads its teacher and traces its augmentation
+      distill.forget_augment_functions()  # once, as a fresh job does
       started = time.perf_counter()
       manifest = distill.run([
           "--recipe=d1", f"--source={source}", f"--teacher={teacher}", f"--out={out}",

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 import apache_beam as beam
 import numpy as np
@@ -203,9 +204,10 @@ class AugmentTask(beam.DoFn):
   Sampling and `augment.apply` run inside a tf.data map, as the trainer's replay does: some
   Model Garden ops truncate floats to uint8, and a `tf.function` called on its own (whose graph
   optimiser reorders float arithmetic) can land one grey level off the eager and tf.data result.
-  The map function is traced once per worker (`setup`) and one `AugmentStream` (one tf.data
-  iterator) per worker serves every task: tracing takes seconds and each new iterator ~1 s of
-  CPU, more than a shard's work.
+  The map function is traced once per process (`augment_function`, shared by the task
+  instances of a multi-threaded worker) and one `AugmentStream` (one tf.data iterator) per task
+  instance serves every task: tracing takes seconds and each new iterator ~1 s of CPU, more than
+  a shard's work.
   """
 
   _SIGNATURE = [{"seed": tf.TensorSpec([2], tf.int64), "data": tf.TensorSpec([], tf.string),
@@ -220,11 +222,7 @@ class AugmentTask(beam.DoFn):
     self.images = beam.metrics.Metrics.counter(transforms.NAMESPACE, "augmented_images")
 
   def setup(self):
-    # A function of the settings, not a bound method: no reference cycle back to the task, so
-    # a dropped task frees its stream at once, closing it first (`AugmentStream.__del__`).
-    self._augment_fn = tf.function(
-        functools.partial(_augment_element, self.recipe, self.resolution, self.teacher_input),
-        input_signature=self._SIGNATURE)
+    self._augment_fn = augment_function(self.recipe, self.resolution, self.teacher_input)
     self._stream = AugmentStream(self._augment_fn)
 
   def teardown(self):
@@ -275,6 +273,37 @@ class AugmentTask(beam.DoFn):
           meta["params"] = {k: v[i] for k, v in params.items()}
         self.images.inc(len(batch_keys))
         yield (out_file, batch_keys), pixels
+
+
+_AUGMENT_FUNCTIONS: dict = {}  # (recipe, resolution, teacher input) -> the traced map function
+_AUGMENT_LOCK = threading.Lock()
+
+
+def augment_function(recipe: augment.Recipe, resolution: int, teacher_input: str):
+  """The job's map function for these settings, one per process.
+
+  Tracing it takes 1-3 s of Python (17 RandAugment branches per layer, AutoGraph's conversion
+  the first time), and a worker process may hold several task instances: one per thread of
+  Beam's multi-threaded runners (Dataflow's harness threads, the DirectRunner's
+  `multi_threading` mode). They share one traced function; each keeps its own stream
+  (`AugmentStream`). A function of the settings, not a bound method: no reference cycle back to
+  a task, so a dropped task frees its stream at once, closing it first.
+  """
+  key = (recipe, resolution, teacher_input)
+  with _AUGMENT_LOCK:
+    fn = _AUGMENT_FUNCTIONS.get(key)
+    if fn is None:
+      fn = _AUGMENT_FUNCTIONS[key] = tf.function(
+          functools.partial(_augment_element, recipe, resolution, teacher_input),
+          input_signature=AugmentTask._SIGNATURE)  # pylint: disable=protected-access
+      fn.get_concrete_function()  # traced under the lock: one trace however many threads ask
+    return fn
+
+
+def forget_augment_functions():
+  """Drops the traced map functions: the next task traces its own (benchmarks time that)."""
+  with _AUGMENT_LOCK:
+    _AUGMENT_FUNCTIONS.clear()
 
 
 def _augment_element(recipe, resolution, teacher_input, element):

@@ -219,6 +219,21 @@ def test_the_augment_stream_keeps_each_calls_outputs_in_order_across_calls():
   stream.close()
 
 
+def test_task_instances_of_one_process_share_one_traced_augmentation():
+  d1, d2 = augment.RECIPES["d1"], augment.RECIPES["d2"]
+  tasks = [distill.AugmentTask(r, 32, "minus_one_to_one", 8, 1) for r in (d1, d1, d2)]
+  for task in tasks:
+    task.setup()
+  assert tasks[0]._augment_fn is tasks[1]._augment_fn  # one trace for the same settings
+  assert tasks[2]._augment_fn is not tasks[0]._augment_fn  # another recipe, another function
+  assert tasks[0]._stream is not tasks[1]._stream  # each instance its own stream
+  distill.forget_augment_functions()
+  fresh = distill.augment_function(d1, 32, "minus_one_to_one")
+  assert fresh is not tasks[0]._augment_fn
+  for task in tasks:
+    task.teardown()
+
+
 # ---- jobs end to end --------------------------------------------------------------------------
 
 def test_ingest_keeps_every_good_image_and_dead_letters_the_rest(source_shards, digits_folder):
@@ -350,6 +365,12 @@ def test_d1_records_replay_to_the_teachers_logits(source_shards, teacher_path, t
                f"--out={again}", "--replicas=2", "--replicas_per_task=2", "--batch_size=16",
                "--direct_num_workers=2", "--direct_running_mode=multi_processing"])
   _same_tree(out, again)
+  # Two worker threads, whose task instances share one traced augmentation: the same bytes.
+  threads = str(tmp_path / "d1_threads")
+  distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
+               f"--out={threads}", "--replicas=2", "--replicas_per_task=1", "--batch_size=16",
+               "--direct_num_workers=2", "--direct_running_mode=multi_threading"])
+  _same_tree(out, threads)
 
 
 def test_d2_mixes_with_a_partner_from_the_same_shard(source_shards, teacher_path, tmp_path):
