@@ -224,8 +224,9 @@ def load_teacher(path: str, what: str = "teacher"):
   """
   try:
     stat = tf.io.gfile.stat(path)
-    key = (path, stat.length, stat.mtime_nsec)
-  except tf.errors.OpError:  # a folder (SavedModel) or a missing path: no cache
+    # A folder (SavedModel) is not kept: its time does not change when a file in it does.
+    key = None if stat.is_directory else (path, stat.length, stat.mtime_nsec)
+  except tf.errors.OpError:  # a missing path: the loader says so
     key = None
   if key is not None and key in _LOADED:
     return _LOADED[key]

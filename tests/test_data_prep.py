@@ -464,6 +464,13 @@ def test_a_teacher_loads_once_per_process_until_its_file_changes_and_states_its_
   # A model without a fixed input shape, at another resolution, still reports its classes.
   free = models.build("conv_s", num_classes=3, width=0.25, resolution=None)
   assert transforms.teacher_output_classes(free, 48) == 3
+  # A SavedModel folder is never kept (a file rewritten inside it leaves the folder's time);
+  # it states no Keras shapes, so its classes come from a forward pass.
+  folder = str(tmp_path / "saved")
+  second.export(folder, verbose=False)
+  loaded = transforms.load_teacher(folder)
+  assert transforms.load_teacher(folder) is not loaded
+  assert transforms.teacher_output_classes(loaded, 32) == 5
 
 
 def test_a_failing_job_leaves_no_output_that_looks_complete(source_shards, teacher_path,
