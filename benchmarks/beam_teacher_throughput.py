@@ -17,7 +17,9 @@ Ours: `data_prep.distill`, timed end to end (pipeline start-up included), three 
   - in-process again with `--scale` times the replicas. The two in-process runs give the job's
     steady rate, (extra logits) / (extra seconds), and its fixed cost per run (teacher load and
     trace, the augmentation's trace and iterator, the pipeline's set-up): what a paper-scale job,
-    whose every worker processes millions of images, runs at.
+    whose every worker processes millions of images, runs at;
+  - with the worker processes again at `--scale` times the replicas: their steady rate the same
+    way (their start-up, imports included, cancels out).
 The in-process runs follow the anchors in the same process, so Python imports and AutoGraph's
 conversion of the augmentation code are already done (a fresh worker pays them once, in the
 fixed cost of the first run); the teacher is loaded and the augmentation traced anew by each job
@@ -141,16 +143,18 @@ def main():
       shutil.rmtree(out)
       return seconds
 
-    beam = job(args.replicas, [f"--direct_num_workers={args.workers}",
-                               "--direct_running_mode=multi_processing"], "beam_mp")
+    workers = [f"--direct_num_workers={args.workers}", "--direct_running_mode=multi_processing"]
+    beam = job(args.replicas, workers, "beam_mp")
     local = job(args.replicas, ["--direct_num_workers=1", "--direct_running_mode=in_memory"],
                 "beam_local")
     more = args.replicas * args.scale
     local_more = job(more, ["--direct_num_workers=1", "--direct_running_mode=in_memory"],
                      "beam_local_more")
+    beam_more = job(more, workers, "beam_mp_more")
     extra = args.images * (more - args.replicas)
     steady = extra / (local_more - local)
     fixed = local - total / steady
+    steady_workers = extra / (beam_more - beam)
     teacher_rate = total / predict
 
     print(f"\nteacher {args.teacher} at {args.resolution}px, {args.images} images x "
@@ -160,12 +164,16 @@ def main():
             ("anchor: bare loop, all the work, 1 process", bare, total),
             (f"Beam DirectRunner, {args.workers} worker processes", beam, total),
             ("Beam DirectRunner, in-process", local, total),
-            (f"Beam DirectRunner, in-process, {more} replicas", local_more, args.images * more)]
+            (f"Beam DirectRunner, in-process, {more} replicas", local_more, args.images * more),
+            (f"Beam DirectRunner, {args.workers} worker processes, {more} replicas", beam_more,
+             args.images * more)]
     for name, seconds, count in rows:
       rate = count / seconds
       print(f"{name:<52}{seconds:>9.1f}{rate:>10.1f}{rate / teacher_rate:>11.2f}x")
     print(f"{'Beam in-process, steady rate (from the two runs)':<52}{'':>9}{steady:>10.1f}"
           f"{steady / teacher_rate:>11.2f}x")
+    print(f"{f'Beam {args.workers} worker processes, steady rate (two runs)':<52}{'':>9}"
+          f"{steady_workers:>10.1f}{steady_workers / teacher_rate:>11.2f}x")
     print(f"Beam in-process fixed cost per run: {fixed:.1f} s; {args.workers} worker processes "
           f"cost {beam - local:+.1f} s more than in-process at {total} logits")
   finally:
