@@ -10,7 +10,7 @@ width, random weights), D1 augmentation. Two anchors, measured in the same run:
   - bare loop: one process doing all the job's work without Beam: decode, sample and apply the
     augmentation (the job's own `AugmentTask.batches`), the teacher, record serialization,
     TFRecord writes.
-Ours: `data_prep.distill`, timed end to end (pipeline start-up included), three times:
+Ours: `data_prep.distill`, timed end to end (pipeline start-up included), four times:
   - as named in issue 12: the DirectRunner with `--workers` worker processes (multi_processing);
   - in-process: one worker in the calling process (`--direct_num_workers=1`, in_memory, Beam's
     own default), where TensorFlow's thread pools already use every core;
@@ -25,7 +25,8 @@ conversion of the augmentation code are already done (a fresh worker pays them o
 fixed cost of the first run); the teacher is loaded and the augmentation traced anew by each job
 (a process keeps the last teacher it loaded, `transforms.load_teacher`, which a job's check and
 its RunInference share, and its traced augmentation, `distill.augment_function`, which the task
-instances of a multi-threaded worker share). Ratios are against the teacher alone (the issue's goal >= 0.5x).
+instances of a multi-threaded worker share). Ratios are against the teacher alone (the issue's
+goal >= 0.5x).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def kernel_events(profile_dir):
         name = plane.event_metadata[event.metadata_id].name
         if ":" in name and "::" not in name:  # kernels are "op/name:OpType"
           op_name, op_type = name.rsplit(":", 1)
-          yield op_name, op_type.replace("_MklNative", "").replace("_Mkl", ""), event.duration_ps / 1e9
+          op_type = op_type.replace("_MklNative", "").replace("_Mkl", "")
+          yield op_name, op_type, event.duration_ps / 1e9
 
 
 def profile(model, ds, steps):
@@ -138,7 +139,8 @@ def main():
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.threading.set_intra_op_parallelism_threads(args.threads)
   tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-  ds = model_throughput._data(tf, args.batch, args.resolution, 1000)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  ds = model_throughput._data(tf, args.batch, args.resolution, 1000)
   results = {}
   for name, build in (("ours", model_throughput.build_ours),
                       ("anchor", model_throughput.build_anchor)):
@@ -173,8 +175,8 @@ def main():
   if args.stride2_rewrite:
     size = args.resolution // 2
     best, error = stride2_rewrite(tf, args.batch, size, 32, 32)
-    print(f"\n3x3 stride-2 conv 32->32 on {args.batch}x{size}x{size}, forward + backward, best of 3 "
-          f"rounds: plain {best['plain']:.1f} ms, space_to_depth {best['space_to_depth']:.1f} ms "
+    print(f"\n3x3 stride-2 conv 32->32 on {args.batch}x{size}x{size}, forward + backward, "
+          f"best of 3 rounds: plain {best['plain']:.1f} ms, space_to_depth {best['space_to_depth']:.1f} ms "
           f"({best['plain'] / best['space_to_depth']:.2f}x); largest relative difference of "
           f"outputs and gradients {error:.1e}")
 

@@ -28,7 +28,7 @@ Ours: `mnv4_train.train`'s own parts, as `python -m mnv4_train.main --gin_file=.
 (the compiled multi-step loop, `steps_per_loop` and `log_every` of the recipe, history.jsonl
 and TensorBoard lines each log interval) for each round, continuing from the previous step.
 Checkpoint saves and evaluations are not timed (fit does neither): the checkpointer given to
-`run_loop` saves nothing, and there is no eval data. Two rows:
+`run_loop` saves nothing, and there is no eval data. Four rows:
   - labels: `digits_student.gin`, labels only (teacher "none") from the source shards: decode,
     the recipe's online augmentation (none for digits: whole image, no RandAugment, no flip),
     with `train.memory_cache=False` (the streaming input every other recipe reads);
@@ -48,10 +48,9 @@ steps before it are done); ours `run_loop` for lead_in steps, then a timed `run_
 (it ends reading its statistics, so its steps are done). The lead-in takes what is not steady
 state out of the timed window on both sides: fit's new iterator and its first batches each
 call, and the batches ours prefetches while the other rows run (its iterator lives on). Rounds
-alternate the order (fit, labels, labels cached, distill, distill cached, then
-the reverse). Figures: images/s of the best and
-the median round, images per CPU-second (median; throttling and other jobs on the machine
-change it less), and the ratio ours / fit (> 1: ours is faster). The trainer's own examples/s
+alternate the order (fit, labels, labels cached, distill, distill cached, then the reverse).
+Figures: images/s of the best and the median round, images per CPU-second (median; throttling
+and other jobs on the machine change it less), and the ratio ours / fit (> 1: ours is faster). The trainer's own examples/s
 from history.jsonl (median over the log intervals of the timed calls) is printed as a check.
 
 Defaults: the digits recipe's loop of 22 steps per compiled call, logs every 66: warm-up 66,

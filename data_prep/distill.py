@@ -288,16 +288,17 @@ def augment_function(recipe: augment.Recipe, resolution: int, teacher_input: str
   `multi_threading` mode). They share one traced function; each keeps its own stream
   (`AugmentStream`). A function of the settings, not a bound method: no reference cycle back to
   a task, so a dropped task frees its stream at once, closing it first.
+
+  Traced on first use (the stream's first call), not here: an instance that never gets a
+  task costs nothing, and `tf.function` traces a signature once however many threads call it.
   """
   key = (recipe, resolution, teacher_input)
   with _AUGMENT_LOCK:
-    fn = _AUGMENT_FUNCTIONS.get(key)
-    if fn is None:
-      fn = _AUGMENT_FUNCTIONS[key] = tf.function(
+    if key not in _AUGMENT_FUNCTIONS:
+      _AUGMENT_FUNCTIONS[key] = tf.function(
           functools.partial(_augment_element, recipe, resolution, teacher_input),
           input_signature=AugmentTask._SIGNATURE)  # pylint: disable=protected-access
-      fn.get_concrete_function()  # traced under the lock: one trace however many threads ask
-    return fn
+    return _AUGMENT_FUNCTIONS[key]
 
 
 def forget_augment_functions():

@@ -185,7 +185,8 @@ print(sum(1 for _ in ds.take(40)))
 
 
 def _dataset_ops(ds):
-  graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())  # pylint: disable=protected-access
+  serialized = ds._as_serialized_graph()  # pylint: disable=protected-access
+  graph = tf.compat.v1.GraphDef.FromString(serialized.numpy())
   ops = [n.op for n in graph.node]
   for f in graph.library.function:
     ops += [n.op for n in f.node_def]

@@ -184,8 +184,7 @@ GIN_SURFACE = {
     "checkpoint_every": 1000, "eval_every": None, "keep_checkpoints": 3,
     "eval_batch_size": 256, "eval_crop": 0.875, "seed": 0, "deterministic": True,
     "shard_policy": "auto", "shuffle": True, "cycle_length": 16, "memory_cache": False,
-    "stop_after_steps": None,
-    "op_determinism": False,
+    "stop_after_steps": None, "op_determinism": False,
 }
 
 
