@@ -23,9 +23,10 @@ tiny timm fixtures):
   timm's PyTorch-native `efficientnet_*` pad symmetrically with BatchNorm epsilon 1e-5; their
   tensors look the same, so the `config.json` timm publishes beside the weights is read when
   present, and any architecture but a `tf_efficientnet_{b0..b8,l2}` is refused.
-- inputs: the builder opens with `Rescaling(1/255)` and a `Normalization` layer (with
-  `weights=None` an identity: mean 0, variance 1; with `weights="imagenet"` Keras would load
-  ImageNet statistics and add a third rescaling). Here the Normalization layer carries the
+- inputs: the builder opens with `Rescaling(1/255)` and a `Normalization` layer (an identity,
+  mean 0 and variance 1, because the builder is always called without pretrained weights, so
+  nothing is downloaded; Keras' pretrained option would set ImageNet statistics there and add a
+  third rescaling). Here the Normalization layer carries the
   mapping onto the normalisation timm's weights expect ((pixel / 255 - mean) / std, mean/std from
   `config.json` when present, else ImageNet's): by default (`--input project`) the model takes
   the project's [-1, 1] images, which is `data_prep.distill --teacher_input minus_one_to_one`,
