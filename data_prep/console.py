@@ -40,6 +40,7 @@ import time
 import apache_beam as beam
 
 from mnv4_train.errors import first_line
+from mnv4_train.ownership import storage_problem
 
 PROGRESS_LOGGER = "data_prep.progress"
 PROGRESS_TAG = "mnv4-progress"
@@ -164,13 +165,13 @@ class Console:
     try:
       with capture:
         yield
-    except BaseException:
+    except BaseException as e:
       self._stop(ticker, stop)
       # A worker that died without reporting an error (a crash, an import failure) said why
-      # only on its own stderr.
+      # only on its own stderr. A full disk is said in one line by the job.
       tail = [l for l in getattr(capture, "tail", ()) if not _is_noise(l)
               and not l.startswith(("INFO:", "DEBUG:"))]
-      if tail and not self.worker_errors:
+      if tail and not self.worker_errors and storage_problem(e, "") is None:
         self.line(f"{self.name}: the pipeline failed; the worker processes' last output:", True)
         for l in tail[-20:]:
           self.write("  " + l, True)
@@ -344,6 +345,10 @@ class _Handler(logging.Handler):
       return
     message = record.getMessage()
     if _is_noise(message) or (record.levelno < logging.WARNING and not _ours(record)):
+      return
+    if record.exc_info and record.levelno >= logging.ERROR and not _ours(record):
+      # The runner's report of a failed step: the same exception reaches the job, which says
+      # it in one line (a user's fault, a damaged file, a full disk) or with its traceback.
       return
     error = record.levelno >= logging.WARNING
     if error:

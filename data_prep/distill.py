@@ -382,7 +382,7 @@ def _attach_selection(element):
 def _write_manifest(stats, folder, dead, info):
   stats = sorted(stats, key=lambda s: s["path"])
   formats.DistillRecords(
-      **info, files=tuple(formats.FileCount(s["path"], s["count"]) for s in stats),
+      **info, files=tuple(formats.FileCount(s["path"], s["count"], s["bytes"]) for s in stats),
       num_records=sum(s["count"] for s in stats), dead_letter=dead).write(folder)
 
 
@@ -399,7 +399,8 @@ def check_inputs(args):
   selection = None
   if args.selection:
     selection = formats.D3Selection.read(args.selection, "--selection")
-    if selection.source_shards != source.shards:
+    if ([(s.path, s.count) for s in selection.source_shards]
+        != [(s.path, s.count) for s in source.shards]):
       raise ConfigError(f"--selection {args.selection} was made from other source shards than "
                         f"--source {args.source}; pass the corpus it was selected from")
     if not selection.num_selected_total:
@@ -409,7 +410,7 @@ def check_inputs(args):
 
 
 def build_pipeline(p, args, tmp, source, resolution, classes):
-  shards = [os.path.join(args.source, s.path) for s in source.shards]
+  shards = [formats.inside(args.source, s.path, "--source") for s in source.shards]
   tasks = make_tasks(shards, args.replica_offset, args.replicas, args.replicas_per_task)
   task_list = p | "Tasks" >> beam.Create(tasks)
   if args.selection:
@@ -439,8 +440,9 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
   info = {
       "recipe": args.recipe, "recipe_settings": dataclasses.asdict(recipe_from_args(args)),
       "replicas": args.replicas, "replica_offset": args.replica_offset,
-      "source": os.path.abspath(args.source) if "://" not in args.source else args.source,
-      "selection": args.selection, "teacher": args.teacher, "resolution": resolution,
+      "source": formats.relative_to(args.out, args.source),
+      "selection": args.selection and formats.relative_to(args.out, args.selection),
+      "teacher": args.teacher, "resolution": resolution,
       "teacher_input": args.teacher_input, "teacher_outputs": args.teacher_outputs,
       "top_k": args.top_k, "num_classes": classes, "num_source_shards": len(shards),
   }
@@ -453,6 +455,8 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
 def run(argv=None, pipeline=None) -> dict:
   """Runs the distillation-dataset job; returns its manifest as written (JSON)."""
   args, beam_args = parse_args(argv)
+  inputs = {"--source": args.source, "--teacher": args.teacher, "--selection": args.selection}
+  files.check_out(args.out, args.overwrite, formats.DistillRecords, inputs)  # before any work
   source, resolution, classes, selection = check_inputs(args)
   logging.info("distill %s: %d replicas from %d, teacher %s at %dpx, %d classes -> %s",
                args.recipe, args.replicas, args.replica_offset, args.teacher, resolution,
@@ -463,7 +467,8 @@ def run(argv=None, pipeline=None) -> dict:
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),
       build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes),
-      manifest=formats.DistillRecords)
+      manifest=formats.DistillRecords,
+      inputs=inputs)
   logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,
                manifest.num_records, len(manifest.files), manifest.dead_letter, args.out)
   return manifest.to_json()

@@ -442,12 +442,14 @@ def _num_shards(count, requested):
 
 def _write_manifest(stats, folder, num_shards, label_counts, dead, class_names, source):
   by_name = {s["path"]: s["count"] for s in stats}
+  sizes = {s["path"]: s["bytes"] for s in stats}
   shards = []
   for i in range(num_shards):  # shards no example hashed into still exist, empty
     name = files.shard_name("shard", i, num_shards)
     if name not in by_name:
       files.write_tfrecords(os.path.join(folder, name), [])
-    shards.append(formats.FileCount(name, by_name.get(name, 0)))
+      sizes[name] = tf.io.gfile.stat(os.path.join(folder, name)).length
+    shards.append(formats.FileCount(name, by_name.get(name, 0), sizes[name]))
   counts = dict(label_counts)
   labelled = [k for k in counts if k >= 0]
   if class_names is None and labelled:
@@ -517,15 +519,29 @@ def _selection_info(args):
   return info
 
 
+def _inputs(args) -> dict:
+  """Every path the job reads, by flag (its --out may overlap none of them)."""
+  inputs = {f"--{k}": getattr(args, k) for k in (
+      "images", "tfds_dir", "tfds_data_dir", "tfds_manual_dir", "tfrecords", "class_names",
+      "unlabeled_images", "fashion_mnist_dir")}
+  if args.fashion_mnist:
+    for path in fashion_mnist.locate(args.fashion_mnist, args.fashion_mnist_dir) or ():
+      inputs["--fashion_mnist"] = os.path.dirname(path)
+  return inputs
+
+
 def run(argv=None, pipeline=None) -> dict:
   """Runs the ingest job; returns the manifest as written (JSON). `pipeline`: a TestPipeline."""
   args, beam_args = parse_args(argv)
+  inputs = _inputs(args)
+  files.check_out(args.out, args.overwrite, formats.SourceShards, inputs)  # before any work
   logging.info("ingest: writing %s", args.out)
   console.expect(source_size(args), "images")
   manifest = files.run_staged(
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),
-      build=lambda p, tmp: build_pipeline(p, args, tmp), manifest=formats.SourceShards)
+      build=lambda p, tmp: build_pipeline(p, args, tmp), manifest=formats.SourceShards,
+      inputs=inputs)
   logging.info("ingest: %d images in %d classes, %d shards, %d dead letters -> %s",
                manifest.num_examples, manifest.num_classes, len(manifest.shards),
                manifest.dead_letter, args.out)

@@ -198,7 +198,8 @@ def plot_histogram(unique, per_class, path):
 
 
 def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
-  shards = [(i, os.path.join(args.corpus, s.path)) for i, s in enumerate(corpus.shards)]
+  shards = [(i, formats.inside(args.corpus, s.path, "--corpus"))
+            for i, s in enumerate(corpus.shards)]
   num_files = max(1, math.ceil(num_classes / CLASSES_PER_FILE))
   scored = (p
             | "Shards" >> beam.Create(shards)
@@ -213,7 +214,7 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
        | "Replicate" >> beam.ParDo(Replicate(args.per_class, num_files))
        | "WriteSelection" >> transforms.WriteSortedShards(tmp))
   kept_count = (scored | "CountKept" >> beam.combiners.Count.Globally())
-  info = {"corpus": args.corpus, "classifier": args.classifier,
+  info = {"corpus": formats.relative_to(args.out, args.corpus), "classifier": args.classifier,
           "threshold": args.threshold, "per_class": args.per_class, "resolution": resolution,
           "num_classes": num_classes, "source_shards": corpus.shards,
           "num_files": num_files}
@@ -227,6 +228,8 @@ def build_pipeline(p, args, tmp, corpus, resolution, num_classes):
 
 def run(argv=None, pipeline=None) -> dict:
   args, beam_args = parse_args(argv)
+  inputs = {"--corpus": args.corpus, "--classifier": args.classifier}
+  files.check_out(args.out, args.overwrite, formats.D3Selection, inputs)  # before any work
   corpus = formats.SourceShards.read(args.corpus, "--corpus")
   classifier = transforms.load_teacher(args.classifier, what="--classifier")
   resolution = args.resolution or transforms.teacher_resolution(classifier, 224)
@@ -238,7 +241,8 @@ def run(argv=None, pipeline=None) -> dict:
       out=args.out, overwrite=args.overwrite,
       pipeline=pipeline or files.make_pipeline(beam_args),
       build=lambda p, tmp: build_pipeline(p, args, tmp, corpus, resolution, num_classes),
-      manifest=formats.D3Selection)
+      manifest=formats.D3Selection,
+      inputs=inputs)
   logging.info("select_d3: kept %d distinct images (%d after replication) of %d above the threshold; "
                "%d empty classes -> %s", manifest.num_selected_unique,
                manifest.num_selected_total, manifest.num_above_threshold,

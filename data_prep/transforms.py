@@ -115,7 +115,7 @@ class WriteSortedShards(beam.PTransform):
 
   Beam's WriteToTFRecord spreads records over shards and orders them as bundles arrive, so two
   runs write different bytes; grouping by file and sorting gives byte-identical files. The file
-  name is relative to `folder`. Emits dict(path, count) per written file.
+  name is relative to `folder`. Emits dict(path, count, bytes) per written file.
   """
 
   def __init__(self, folder: str, label=None):
@@ -147,7 +147,7 @@ class _WriteShardFile(beam.DoFn):
     else:
       n = files.write_tfrecords(path, ordered)
     self.written.inc(n)
-    yield {"path": name, "count": n}
+    yield {"path": name, "count": n, "bytes": tf.io.gfile.stat(path).length}
 
 
 class WriteSortedJsonLines(beam.PTransform):

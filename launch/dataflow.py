@@ -9,6 +9,10 @@ data_prep.JOB` unchanged, followed by the DataflowRunner options this script add
 options (`--machine_type`, `--max_num_workers`, `--job_name`, ...) go after `--` too. Paths the
 workers read or write (`--out`, `--source`, `--teacher`, ...) must be gs:// paths.
 
+One writer per output: unless `--job_name` is given, the job is named after its `--out`
+(`mnv4-<job>-<hash of --out>`), and Dataflow refuses a second active job of the same name in a
+region, so two launches on the same output cannot run at once.
+
 The workers need this project. Two ways to ship it:
   - `--sdk_container_image IMAGE`: an image built from `launch/Dockerfile.dataflow` (Beam's SDK
     image with this project and TensorFlow with CUDA installed); nothing is staged. GPU workers
@@ -28,6 +32,7 @@ and Runner v2. T4 GPUs attach to the default N1 workers; L4 needs `--machine_typ
 from __future__ import annotations
 
 import configparser
+import hashlib
 import importlib.util
 import os
 import re
@@ -75,6 +80,14 @@ def _flag_values(flags: list[str], name: str):
       yield flag[len(name) + 1:]
 
 
+def job_name(job: str, job_flags: list[str]) -> str:
+  """The Dataflow job name of a job writing `--out`: the same for the same output, so Dataflow
+  itself refuses a second active job on it (it allows one active job per name and region)."""
+  out = next(_flag_values(job_flags, "--out"), "").rstrip("/")
+  digest = hashlib.sha1(out.encode()).hexdigest()[:12]
+  return f"mnv4-{job.replace('_', '-')}-{digest}"
+
+
 def wheel_name() -> str:
   """The file `pip wheel` makes of this checkout (a pure-Python wheel named by setup.cfg)."""
   meta = configparser.ConfigParser()
@@ -116,6 +129,8 @@ def plan(args) -> list[Command]:
                 f"count:{args.gpus};install-nvidia-driver"]
   if args.gpu_type or args.sdk_container_image:
     options += ["--experiments=use_runner_v2"]  # custom containers and GPUs need Runner v2
+  if not any(f == "--job_name" or f.startswith("--job_name=") for f in args.job_flags):
+    options += [f"--job_name={job_name(args.job, args.job_flags)}"]
   commands.append(Command([sys.executable, "-m", f"data_prep.{args.job}", *args.job_flags,
                            *options], f"run data_prep.{args.job} on Dataflow"))
   return commands

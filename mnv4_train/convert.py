@@ -43,7 +43,9 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 
+from mnv4_train import ownership
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
                                first_line, run_then_exit)
 from mnv4_train.models import specs as S
@@ -324,17 +326,38 @@ def from_timm(path: str, *, model: str, inputs: str = "project"):
   return keras_model
 
 
+def check_out(out: str, overwrite: bool, inputs: dict) -> None:
+  """Refuses an `--out` that overlaps an input, or that exists and is not a Keras model file
+  (one is replaced only with `overwrite`)."""
+  ownership.check_overlap(out, inputs)
+  if not os.path.lexists(out):
+    return
+  if os.path.isdir(out) or not zipfile.is_zipfile(out) or "config.json" not in (
+      zipfile.ZipFile(out).namelist()):
+    raise InputPathError(f"--out {out} exists and is not a .keras model file; it is never "
+                         "replaced: choose another --out")
+  if not overwrite:
+    raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it or choose "
+                      "another --out")
+
+
 def save_keras(model, out: str) -> None:
   """`model.save` through a temporary name in the same folder, renamed into place."""
   folder = os.path.dirname(os.path.abspath(out))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
-  os.close(fd)
+  tmp = None
   try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
+    os.close(fd)
     model.save(tmp)
     os.replace(tmp, out)
+  except OSError as e:
+    problem = ownership.storage_problem(e, folder)
+    if problem is not None:
+      raise problem from None
+    raise
   finally:
-    if os.path.exists(tmp):
+    if tmp and os.path.exists(tmp):
       os.remove(tmp)
 
 
@@ -372,10 +395,13 @@ def main(argv: list[str] | None = None) -> int:
                       help="EfficientNet only: override the variant's width coefficient")
   parser.add_argument("--depth_coefficient", type=float, default=None,
                       help="EfficientNet only: override the variant's depth coefficient")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing .keras file at --out (nothing else is replaced)")
   args = parser.parse_args(argv)
   with exit_on_user_error(parser.prog):
     if not args.out.endswith(".keras"):
       raise ConfigError(f"--out {args.out} must end in .keras (a Keras 3 model file)")
+    check_out(args.out, args.overwrite, {"--from_timm": args.from_timm})
     if args.model.startswith("efficientnet"):
       _convert_efficientnet(args)
       return 0

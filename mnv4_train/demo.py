@@ -35,7 +35,9 @@ import subprocess
 import sys
 import time
 
-from mnv4_train.errors import ArgumentParser, UserError, exit_on_user_error, run_then_exit
+from mnv4_train import ownership
+from mnv4_train.errors import (ArgumentParser, InputPathError, UserError, exit_on_user_error,
+                               run_then_exit)
 
 PROG = "mnv4_train.demo"
 # The distilled students' default length: fashion_distill.gin's train.train_steps (a test keeps
@@ -342,13 +344,45 @@ def report(args, runs, export_dir):
   return out
 
 
+# What the main job writes at the top of a workspace: an existing folder holding anything else
+# is not one of its workspaces, and is refused rather than written into.
+WORKSPACE_ENTRIES = frozenset({
+    "ablation.png", "distill", "export", "images", "ood_digits", "report.json", "report.png",
+    "runs", "selections", "sources", "stage_times.json", ownership.OWNER})
+
+
+def check_workspace(workspace: str, images: str | None) -> None:
+  """Refuses a workspace that overlaps the user's images or holds what this job did not write."""
+  ownership.check_overlap(workspace, {"--images": images}, what="--workspace")
+  if not os.path.exists(workspace):
+    return
+  if not os.path.isdir(workspace):
+    raise InputPathError(f"--workspace {workspace} is a file; give a folder")
+  foreign = sorted(n for n in os.listdir(workspace) if n not in WORKSPACE_ENTRIES
+                   and not n.endswith(".tmp"))
+  if foreign:
+    raise InputPathError(f"--workspace {workspace} holds {foreign[0]!r}"
+                         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, "
+                         "which this job did not write; it writes only into an empty folder or "
+                         "its own workspace: choose another --workspace")
+
+
 def run(argv=None) -> dict:
   args = parse_args(argv)
-  os.makedirs(args.workspace, exist_ok=True)
-  _log(f"workspace {args.workspace}")
-  if args.dataset == "fashion_mnist":
-    return run_fashion(args)
-  return run_folder(args)
+  check_workspace(args.workspace, args.images)
+  try:
+    os.makedirs(args.workspace, exist_ok=True)
+  except OSError as e:
+    raise ownership.storage_problem(e, args.workspace) or InputPathError(
+        f"cannot create --workspace {args.workspace}: {e.strerror or e}") from None
+  claim = ownership.claim(args.workspace, "--workspace")
+  try:
+    _log(f"workspace {args.workspace}")
+    if args.dataset == "fashion_mnist":
+      return run_fashion(args)
+    return run_folder(args)
+  finally:
+    claim.release()
 
 
 def run_folder(args) -> dict:

@@ -42,6 +42,28 @@ class FormatError(InputPathError):
   """A stage output of another format, or another version of it, than the reader needs."""
 
 
+class DataError(InputPathError):
+  """A stage output's file that is missing, damaged or disagrees with its manifest: the message
+  names the file, the dataset and the command that rebuilds it."""
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM or SIGINT at a step boundary, saved at `step`.
+
+  Not a UserError: the run is fine and the same command continues it. `signum` is the signal
+  this process received (None when another worker's signal stopped the run); `exit_code` is
+  what the process should end with (128 + the signal, as a shell reports a signal's death;
+  143 when another worker was the one signalled: a preemption of the run).
+  """
+
+  def __init__(self, step: int, signum: int | None, *, saved: bool = True):
+    self.step = step
+    self.signum = signum
+    self.saved = saved
+    self.exit_code = 128 + (signum or 15)
+    super().__init__(f"stopped at step {step}")
+
+
 @contextlib.contextmanager
 def exit_on_user_error(prog: str):
   """Turns a UserError raised inside the block into `prog: error: ...` and exit status 2."""

@@ -41,6 +41,7 @@ import sys
 import tempfile
 from typing import Iterable, Sequence
 
+from mnv4_train import ownership
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
                                first_line, run_then_exit)
 
@@ -220,19 +221,81 @@ def _resolution(model, name: str, requested: int | None) -> int:
   return fixed or canonical_resolution(name)
 
 
+REPORT = "export_report.json"  # written last: a folder with it is a finished export
+_STAGING_PREFIXES = (".tmp-export-", ".tmp-old-")
+
+
+def _ours(name: str) -> bool:
+  """An entry of `--out` this command makes while it runs (claim, staging folders)."""
+  return name == ownership.OWNER or name.startswith(_STAGING_PREFIXES)
+
+
+def check_out(out: str, overwrite: bool, inputs: dict) -> None:
+  """Refuses an `--out` this command must not write: one that overlaps an input, a file, or a
+  non-empty folder that is not a finished export (a finished one only with `overwrite`)."""
+  ownership.check_overlap(out, inputs)
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise InputPathError(f"--out {out} is a file; give a folder")
+  if os.path.isfile(os.path.join(out, REPORT)):
+    if not overwrite:
+      raise ConfigError(f"--out {out} already holds a finished export; pass --overwrite to "
+                        "replace it or choose another --out")
+    return
+  if any(not _ours(name) for name in os.listdir(out)):
+    raise InputPathError(f"--out {out} exists and is not a finished export (no {REPORT}); it "
+                         "is never replaced: choose another --out or move it away")
+
+
+def _clear_staging(out):
+  for name in os.listdir(out):
+    if name.startswith(_STAGING_PREFIXES):
+      shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
 def export(*, model_name: str, checkpoint: str, out: str, formats: Sequence[str],
            resolution: int | None = None, representative: str | None = None,
            num_calibration: int = 100, num_check: int = 100, num_threads: int = 2,
-           log=print) -> dict:
-  """Exports `checkpoint` in `formats` under `out`; returns the report (also export_report.json)."""
-  import numpy as np
+           overwrite: bool = False, log=print) -> dict:
+  """Exports `checkpoint` in `formats` under `out`; returns the report (also export_report.json).
 
-  from mnv4_train.models.checkpoint import load_checkpoint
+  Only a finished export is replaced (with `overwrite`), one export writes an `out` at a time
+  (its claim file, `mnv4_train.ownership`), and a full disk is one line.
+  """
   if "tflite_int8" in formats and not representative:
     raise ConfigError("int8 export needs --representative (a folder of class/xxx.jpg images or "
                       "a glob of TFRecord source shards) to calibrate on")
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise InputPathError(f"--out {out} is a file; give a folder")
+  check_out(out, overwrite, {"--checkpoint": checkpoint, "--representative": representative})
+  made = not os.path.exists(out)
+  try:
+    os.makedirs(out, exist_ok=True)
+    claim = ownership.claim(out, "--out", on_stale=lambda _: _clear_staging(out))
+  except OSError as e:
+    raise ownership.storage_problem(e, out) or InputPathError(
+        f"cannot create --out {out}: {e.strerror or e}; check the path and its "
+        "permissions") from None
+  try:
+    return _export(model_name=model_name, checkpoint=checkpoint, out=out, formats=formats,
+                   resolution=resolution, representative=representative,
+                   num_calibration=num_calibration, num_check=num_check,
+                   num_threads=num_threads, log=log)
+  except BaseException as e:
+    problem = ownership.storage_problem(e, out)
+    if problem is not None:
+      raise problem from None
+    raise
+  finally:
+    claim.release()
+    if made and not os.listdir(out):
+      os.rmdir(out)  # ours, and nothing was exported into it
+
+
+def _export(*, model_name, checkpoint, out, formats, resolution, representative,
+            num_calibration, num_check, num_threads, log) -> dict:
+  import numpy as np
+
+  from mnv4_train.models.checkpoint import load_checkpoint
   model = load_checkpoint(checkpoint, model=model_name)
   res = _resolution(model, model_name, resolution)
 
@@ -248,7 +311,6 @@ def export(*, model_name: str, checkpoint: str, out: str, formats: Sequence[str]
       -1, 1, (NUM_RANDOM_CHECK_IMAGES, res, res, 3)).astype("float32")
   reference = np.asarray(model.predict(check_images, batch_size=32, verbose=0), "float32")
 
-  os.makedirs(out, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=out)
   report = {"model": model_name, "checkpoint": os.path.abspath(checkpoint), "resolution": res,
             "input": "float32 NHWC in [-1, 1] (pixel / 127.5 - 1)", "output": "logits",
@@ -295,10 +357,10 @@ def export(*, model_name: str, checkpoint: str, out: str, formats: Sequence[str]
       os.replace(path, final)
       report["formats"][fmt]["path"] = final
       report["formats"][fmt]["megabytes"] = round(_size(final) / 2**20, 3)
-    report_path = os.path.join(out, "export_report.json")
-    with open(os.path.join(staging, "export_report.json"), "w") as f:
+    report_path = os.path.join(out, REPORT)
+    with open(os.path.join(staging, REPORT), "w") as f:
       json.dump(report, f, indent=2)
-    os.replace(os.path.join(staging, "export_report.json"), report_path)
+    os.replace(os.path.join(staging, REPORT), report_path)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return report
@@ -339,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--num_check", type=int, default=100,
                       help="held-out images (after the calibration ones) for the checks")
   parser.add_argument("--num_threads", type=int, default=2, help="interpreter threads")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a finished export in --out (nothing else is ever replaced)")
   args = parser.parse_args(argv)
   with exit_on_user_error(parser.prog):
     formats = parse_formats(args.format)
@@ -350,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     report = export(model_name=args.model, checkpoint=args.checkpoint, out=args.out,
                     formats=formats, resolution=args.resolution,
                     representative=args.representative, num_calibration=args.num_calibration,
-                    num_check=args.num_check, num_threads=args.num_threads)
+                    num_check=args.num_check, num_threads=args.num_threads,
+                    overwrite=args.overwrite)
     print(format_report(report))
   return 0
 

@@ -8,6 +8,13 @@ binding, so nothing binds it twice). A run in a workdir that holds checkpoints r
 The console shows what a user wants by default: a start line (model, data, steps), a progress
 line per log interval (step/total, loss, examples/s, ETA), evaluations, warnings, errors and a
 final line. `--verbose` brings back the libraries' INFO logs (TensorFlow, absl).
+
+SIGTERM (a preemption: a spot VM, a TPU maintenance event) or SIGINT (Ctrl-C) during training
+stops the run after the step it is in, saves a checkpoint there and ends with one line,
+`mnv4_train.main: stopped at step N, saved; run the same command to continue`, and exit status
+143 (SIGTERM) or 130 (SIGINT); a second signal ends the process at once, unsaved. A data file
+found missing or damaged ends it with one `error:` line naming the file, its dataset and the
+command that rebuilds it (exit status 2).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 import mnv4_train
-from mnv4_train.errors import ConfigError, exit_on_user_error, first_line, run_then_exit
+from mnv4_train.errors import (ConfigError, Preempted, exit_on_user_error, first_line,
+                               run_then_exit)
 
 PROG = "mnv4_train.main"
 
@@ -141,10 +149,15 @@ def main(argv):
   with exit_on_user_error(PROG):
     try:
       result = run(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before training started (after it, SIGINT is a stop)
       print(f"{PROG}: interrupted; the same command resumes from the last checkpoint",
             file=sys.stderr)
       sys.exit(130)
+    except Preempted as e:
+      peer = "" if e.signum else " (another worker was stopped)"
+      print(f"{PROG}: stopped at step {e.step}{peer}, saved; run the same command to continue",
+            file=sys.stderr)
+      sys.exit(e.exit_code)
     summary = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in result.items())
     print(f"{PROG}: {summary}")

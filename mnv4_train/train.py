@@ -6,7 +6,14 @@ optimizer and input (`build`), restore the last checkpoint, run the loop (`run_l
 finish (final evaluation, export, metrics). The parts live in `mnv4_train.training`: the
 strategy, the compiled steps (`Trainer`), statistics as named sums, the cadence, the
 checkpointer (student + optimizer + each host's input iterator, so a resumed run continues at
-the same step with the same data) and the metric writer.
+the same step with the same data), the metric writer and the stop signals.
+
+SIGTERM (a preemption) or SIGINT (Ctrl-C) stops the run after the step it is in, every worker
+at the same step (`mnv4_train.training.preemption`): it saves a checkpoint there and raises
+`Preempted`, without the finished run's export and metrics; the same command continues it.
+A missing, damaged or miscounted data file stops it with a `DataError` naming the file, its
+dataset and the command that rebuilds it (`pipeline.check_files` before the run, the checked
+reads of `pipeline` during it), and nothing is saved after it.
 
 Workdir layout:
   config.gin, operative_config.gin, run.json   the gin files as given, as used, and the run
@@ -35,15 +42,16 @@ import keras
 import tensorflow as tf
 from official.vision.ops import augment as mg_augment
 
-from mnv4_train import models
+from mnv4_train import models, ownership
 from mnv4_train.data import augment, pipeline
-from mnv4_train.errors import ConfigError, InputPathError, UserError
+from mnv4_train.errors import ConfigError, InputPathError, Preempted, UserError
 from mnv4_train.kd import Distiller
 from mnv4_train.models import checkpoint
 from mnv4_train.training import stats
 from mnv4_train.training.cadence import Cadence
 from mnv4_train.training.checkpointer import Checkpointer
 from mnv4_train.training.metric_writer import MetricWriter, plot_curves, read_jsonl, write_text
+from mnv4_train.training.preemption import StopSignals
 from mnv4_train.training.strategy import DISTRIBUTIONS, host_info, make_strategy
 from mnv4_train.training.trainer import EMASwap, Trainer
 
@@ -161,6 +169,7 @@ class Run:
   trainer: Trainer
   iterator: Any
   eval_ds: Any = None
+  eval_info: Any = None  # pipeline.DatasetInfo of the eval data
 
 
 # ---- the entry point -------------------------------------------------------------------------
@@ -285,32 +294,58 @@ def train(
   settings = Settings(**locals())  # first: every argument, by name
   started = time.time()
   plan = plan_run(settings)
-  run = build(plan)
-  ckpt = Checkpointer(workdir, model=run.student, optimizer=run.optimizer,
-                      iterator=run.iterator, host=plan.host, keep=keep_checkpoints)
-  step = ckpt.restore()
-  if step >= plan.train_steps and tf.io.gfile.exists(_metrics_path(workdir)):
-    log.info("%s is a finished run of %d steps; nothing to do", workdir, plan.train_steps)
-    with tf.io.gfile.GFile(_metrics_path(workdir)) as f:
-      return json.load(f)
-  if plan.chief:
-    record_run(plan)
-  log.info("%s", describe(plan))
-  if plan.eval_data:
-    run.eval_ds, _ = pipeline.eval_dataset(plan.eval_data, resolution=plan.resolution,
-                                           batch_size=eval_batch_size, crop_fraction=eval_crop)
-  writer = MetricWriter(workdir, chief=plan.chief, train_steps=plan.train_steps,
-                        global_batch=global_batch_size)
-  writer.start(step)
-  stop_at = plan.train_steps if stop_after_steps is None else min(plan.train_steps,
-                                                                  step + stop_after_steps)
-  cadence = Cadence(train_steps=plan.train_steps, stop_at=stop_at,
-                    steps_per_loop=steps_per_loop, log_every=log_every,
-                    checkpoint_every=checkpoint_every,
-                    eval_every=eval_every if run.eval_ds is not None else None)
-  step = run_loop(plan, run, cadence, step, ckpt, writer)
-  result = finish(plan, run, step, writer)
-  ckpt.close()
+  # One trainer per workdir: the chief claims it (a second one stops naming the first; a claim
+  # left by a killed run on this host is taken over), released however the run ends.
+  claim = ownership.claim(workdir, "--workdir") if plan.chief else None
+  try:
+    return _train(plan, settings, started)
+  finally:
+    if claim is not None:
+      claim.release()
+
+
+def _train(plan: Plan, settings: Settings, started: float) -> dict:
+  s = settings
+  workdir, eval_batch_size, eval_crop = s.workdir, s.eval_batch_size, s.eval_crop
+  global_batch_size, keep_checkpoints = s.global_batch_size, s.keep_checkpoints
+  stop_after_steps, steps_per_loop, log_every = s.stop_after_steps, s.steps_per_loop, s.log_every
+  checkpoint_every, eval_every = s.checkpoint_every, s.eval_every
+  # From here on SIGTERM / SIGINT stop the run at a step boundary, saved (the strategy exists:
+  # the stop flag is a variable, and MultiWorkerMirroredStrategy must come before any).
+  with StopSignals() as signals:
+    run = build(plan, stop=signals.flag)
+    ckpt = Checkpointer(workdir, model=run.student, optimizer=run.optimizer,
+                        iterator=run.iterator, host=plan.host, keep=keep_checkpoints)
+    with pipeline.naming_bad_files(plan.infos):  # restoring the input reopens its files
+      step = ckpt.restore()
+    if step >= plan.train_steps and tf.io.gfile.exists(_metrics_path(workdir)):
+      log.info("%s is a finished run of %d steps; nothing to do", workdir, plan.train_steps)
+      with tf.io.gfile.GFile(_metrics_path(workdir)) as f:
+        return json.load(f)
+    if plan.chief:
+      record_run(plan)
+    log.info("%s", describe(plan))
+    if plan.eval_data:
+      run.eval_ds, run.eval_info = pipeline.eval_dataset(
+          plan.eval_data, resolution=plan.resolution, batch_size=eval_batch_size,
+          crop_fraction=eval_crop)
+    writer = MetricWriter(workdir, chief=plan.chief, train_steps=plan.train_steps,
+                          global_batch=global_batch_size)
+    writer.start(step)
+    stop_at = plan.train_steps if stop_after_steps is None else min(plan.train_steps,
+                                                                    step + stop_after_steps)
+    cadence = Cadence(train_steps=plan.train_steps, stop_at=stop_at,
+                      steps_per_loop=steps_per_loop, log_every=log_every,
+                      checkpoint_every=checkpoint_every,
+                      eval_every=eval_every if run.eval_ds is not None else None)
+    try:
+      step = run_loop(plan, run, cadence, step, ckpt, writer, signals)
+      result = finish(plan, run, step, writer, signals)
+    except Preempted:
+      writer.close()  # what was written so far: TensorBoard flushed, curves drawn
+      ckpt.close()
+      raise
+    ckpt.close()
   result["seconds"] = time.time() - started
   return result
 
@@ -334,11 +369,14 @@ def plan_run(s: Settings) -> Plan:
                       "{'d1': '/data/d1', 'd2': '/data/d2'}")
   if s.global_batch_size < 1:
     raise ConfigError(f"train.global_batch_size must be >= 1, got {s.global_batch_size}")
-  check_workdir(s.workdir)
   datasets, eval_data = s.datasets, s.eval_data
   if s.data_root:
     datasets = {name: _under(s.data_root, path) for name, path in datasets.items()}
     eval_data = eval_data and _under(s.data_root, eval_data)
+  ownership.check_overlap(s.workdir, {
+      **{f"train.datasets['{name}']": path for name, path in datasets.items()},
+      "train.eval_data": eval_data, "train.teacher_model": s.teacher_model}, what="--workdir")
+  check_workdir(s.workdir)
   keras.utils.set_random_seed(s.seed)
   if s.op_determinism:
     tf.config.experimental.enable_op_determinism()
@@ -355,6 +393,8 @@ def plan_run(s: Settings) -> Plan:
   keras.mixed_precision.set_dtype_policy(mixed_precision or "float32")
 
   infos = [pipeline.open_dataset(path, name) for name, path in datasets.items()]
+  for info in infos:  # every file there, of its recorded size: a bad dataset fails now
+    pipeline.check_files(info)
   if (s.teacher == "records" and distill_weight
       and {info.kind for info in infos} != {"distill"}):
     raise ConfigError("train.teacher='records' needs distillation records for every dataset; "
@@ -401,8 +441,11 @@ def _under(root, path):
 
 # ---- build -----------------------------------------------------------------------------------
 
-def build(plan: Plan) -> Run:
-  """The input stream, then (in the strategy's scope) student, teacher and optimizer."""
+def build(plan: Plan, stop=None) -> Run:
+  """The input stream, then (in the strategy's scope) student, teacher and optimizer.
+
+  `stop`: the flag (a boolean tf.Variable) that ends the compiled loop early (`StopSignals`).
+  """
   s = plan.settings
   options = pipeline.StreamOptions(
       seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length, memory_cache=s.memory_cache,
@@ -412,11 +455,12 @@ def build(plan: Plan) -> Run:
     batch_mix = mg_augment.MixupAndCutmix(
         num_classes=plan.num_classes, mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha,
         prob=s.mix_prob, switch_prob=s.mix_switch_prob, label_smoothing=s.mix_label_smoothing)
-  train_ds = pipeline.train_dataset(
-      plan.infos, resolution=plan.resolution, host_batch=plan.host_batch,
-      num_classes=plan.num_classes, weights=s.weights, schedule=s.weight_schedule,
-      num_hosts=plan.num_hosts, host=plan.host, shard_policy=s.shard_policy,
-      deterministic=s.deterministic, options=options, batch_mix=batch_mix)
+  with pipeline.naming_bad_files(plan.infos):  # memory_cache reads every file here
+    train_ds = pipeline.train_dataset(
+        plan.infos, resolution=plan.resolution, host_batch=plan.host_batch,
+        num_classes=plan.num_classes, weights=s.weights, schedule=s.weight_schedule,
+        num_hosts=plan.num_hosts, host=plan.host, shard_policy=s.shard_policy,
+        deterministic=s.deterministic, options=options, batch_mix=batch_mix)
   with plan.strategy.scope():
     student = models.build(s.model, num_classes=plan.num_classes, resolution=plan.resolution,
                            **(s.model_options or {}))
@@ -431,7 +475,7 @@ def build(plan: Plan) -> Run:
                                 ema_start_step=plan.ema_start_step)
   trainer = Trainer(plan.strategy, distiller, optimizer, global_batch=s.global_batch_size,
                     datasets=[info.name for info in plan.infos],
-                    l2_regularization=s.l2_regularization)
+                    l2_regularization=s.l2_regularization, stop=stop)
   return Run(student=student, optimizer=optimizer, trainer=trainer, iterator=iter(train_ds))
 
 
@@ -554,24 +598,32 @@ def _metrics_path(workdir):
 # ---- the loop --------------------------------------------------------------------------------
 
 def run_loop(plan: Plan, run: Run, cadence: Cadence, step: int, ckpt: Checkpointer,
-             writer: MetricWriter) -> int:
-  """Trains from `step` to `cadence.stop_at`, logging, checkpointing and evaluating on time."""
+             writer: MetricWriter, signals: StopSignals | None = None) -> int:
+  """Trains from `step` to `cadence.stop_at`, logging, checkpointing and evaluating on time.
+
+  Raises:
+    Preempted: a stop was requested (`signals`); every worker left the compiled loop after
+      the same step, logged the steps since the last log line and saved a checkpoint there.
+    DataError: a data file turned out missing or damaged; nothing is saved.
+  """
   sums = stats.Sums(run.trainer.datasets)
   interval_start, interval_time = step, time.time()
   while step < cadence.stop_at:
     boundary = cadence.next_stop(step)
-    try:
-      sums.add(run.trainer.train_loop(run.iterator, boundary - step))
-    except tf.errors.OutOfRangeError:
-      raise InputPathError("the training data ran out; check that the datasets hold "
-                           "examples") from None
-    step = boundary
+    with pipeline.naming_bad_files(plan.infos):
+      try:
+        totals, done, stopped = run.trainer.train_loop(run.iterator, boundary - step)
+      except tf.errors.OutOfRangeError:
+        raise InputPathError("the training data ran out; check that the datasets hold "
+                             "examples") from None
+    sums.add(totals)
+    step += done
     if not math.isfinite(sums[stats.LOSS]):
       raise TrainingDiverged(f"the loss became {sums[stats.LOSS]} between steps "
                              f"{interval_start} and {step}; stopped, the last good checkpoint "
                              f"is {ckpt.latest() or 'none'}; lower train.learning_rate or "
                              "check the teacher logits")
-    if cadence.log(step):
+    if cadence.log(step) or (stopped and step > interval_start):
       seconds = time.time() - interval_time
       writer.train(sums.row(
           step, has_teacher=run.trainer.has_teacher,
@@ -580,17 +632,25 @@ def run_loop(plan: Plan, run: Run, cadence: Cadence, step: int, ckpt: Checkpoint
           / seconds))
       sums.reset()
       interval_start, interval_time = step, time.time()
-    if cadence.checkpoint(step):
+    if cadence.checkpoint(step) or stopped:
       ckpt.save(step)
+    if stopped:
+      raise Preempted(step, signals and signals.signum)
     if run.eval_ds is not None and cadence.evaluate(step):
-      evaluate(plan, run, step, writer)
+      if evaluate(plan, run, step, writer) is None:  # a stop during the evaluation
+        if not cadence.checkpoint(step):
+          ckpt.save(step)
+        raise Preempted(step, signals and signals.signum)
   return step
 
 
-def evaluate(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
-  """Top-1/top-5 on the eval data (EMA weights when EMA is on), written and returned."""
-  with EMASwap(run.optimizer, run.student):
+def evaluate(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict | None:
+  """Top-1/top-5 on the eval data (EMA weights when EMA is on), written and returned; None
+  (nothing written) when a stop was requested during it."""
+  with EMASwap(run.optimizer, run.student), pipeline.naming_bad_files([run.eval_info]):
     result = run.trainer.evaluate(run.eval_ds, plan.settings.eval_batch_size)
+  if result is None:
+    return None
   result["step"] = step
   writer.eval(result)
   return result
@@ -598,14 +658,24 @@ def evaluate(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
 
 # ---- finish ----------------------------------------------------------------------------------
 
-def finish(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
-  """A finished run: final evaluation, export/student.keras, operative_config.gin, metrics."""
+def finish(plan: Plan, run: Run, step: int, writer: MetricWriter,
+           signals: StopSignals | None = None) -> dict:
+  """A finished run: final evaluation, export/student.keras, operative_config.gin, metrics.
+
+  A stop requested meanwhile (its checkpoint at `step` is already there) raises `Preempted`
+  before metrics.json, which marks the run as finished, is written.
+  """
   workdir = plan.settings.workdir
   result = {"step": step, "train_steps": plan.train_steps, "finished": step >= plan.train_steps}
   if result["finished"]:
     if run.eval_ds is not None:
-      result.update(evaluate(plan, run, step, writer))
+      final = evaluate(plan, run, step, writer)
+      if final is None:  # every worker agreed to stop during it
+        raise Preempted(step, signals and signals.signum)
+      result.update(final)
     if plan.chief:
+      if signals is not None and signals.requested:
+        raise Preempted(step, signals.signum)
       export_dir = os.path.join(workdir, "export")
       tf.io.gfile.makedirs(export_dir)
       path = os.path.join(export_dir, "student.keras")
@@ -613,6 +683,8 @@ def finish(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict:
         run.student.save(path + ".tmp.keras")
       tf.io.gfile.rename(path + ".tmp.keras", path, overwrite=True)
       result["export"] = path
+      if signals is not None and signals.requested:  # the export is whole; metrics.json not
+        raise Preempted(step, signals.signum)
       write_text(os.path.join(workdir, "operative_config.gin"), gin.operative_config_str())
       write_text(_metrics_path(workdir), json.dumps(result, indent=1))
   writer.close()

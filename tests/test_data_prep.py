@@ -73,8 +73,10 @@ def test_write_sorted_shards_sorts_and_groups_by_file(tmp_path):
       ("sub/b.tfrecord", (0, b"b0"))]
   with TestPipeline() as p:
     stats = p | beam.Create(items) | transforms.WriteSortedShards(str(tmp_path))
-    assert_that(stats, equal_to([{"path": "a.tfrecord", "count": 3},
-                                 {"path": "sub/b.tfrecord", "count": 1}]))
+    # A TFRecord is 16 bytes of framing (length, two CRCs) around each record's data.
+    assert_that(stats, equal_to([{"path": "a.tfrecord", "count": 3, "bytes": 3 * (16 + 2)},
+                                 {"path": "sub/b.tfrecord", "count": 1, "bytes": 16 + 2}]))
+  assert os.path.getsize(tmp_path / "a.tfrecord") == 54
   assert list(files.read_tfrecords(str(tmp_path / "a.tfrecord"))) == [b"a1", b"a2", b"a3"]
   assert list(files.read_tfrecords(str(tmp_path / "sub/b.tfrecord"))) == [b"b0"]
 

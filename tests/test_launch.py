@@ -167,7 +167,8 @@ def test_dataflow_gpu_job_runs_in_the_container_with_accelerators(capsys):
   options = ["--runner=DataflowRunner", "--project=p", "--region=us-central1",
              "--temp_location=gs://b/tmp", "--sdk_container_image=IMG",
              "--dataflow_service_options=worker_accelerator=type:nvidia-tesla-t4;count:2;"
-             "install-nvidia-driver", "--experiments=use_runner_v2"]
+             "install-nvidia-driver", "--experiments=use_runner_v2",
+             f"--job_name={dataflow.job_name('distill', DISTILL_FLAGS)}"]
   assert job == [PY, "-m", "data_prep.distill", *DISTILL_FLAGS, *options]
 
   # Beam reads the options as meant
@@ -192,7 +193,22 @@ def test_dataflow_without_container_ships_a_wheel_of_this_checkout(capsys):
   wheel = f"{meta['name'].replace('-', '_')}-{meta['version']}-py3-none-any.whl"
   assert job == [PY, "-m", "data_prep.ingest", *flags, "--runner=DataflowRunner", "--project=p",
                  "--region=us-central1", "--temp_location=gs://b/tmp",
-                 f"--extra_package={os.path.join(dist, wheel)}"]
+                 f"--extra_package={os.path.join(dist, wheel)}",
+                 f"--job_name={dataflow.job_name('ingest', flags)}"]
+
+
+def test_dataflow_names_the_job_after_its_output_so_two_cannot_run_at_once(capsys):
+  a = dataflow.job_name("distill", ["--out", "gs://b/ws/distill/d1"])
+  assert a == dataflow.job_name("distill", ["--out=gs://b/ws/distill/d1/"])  # same output
+  assert a != dataflow.job_name("distill", ["--out", "gs://b/ws/distill/d2"])
+  assert a != dataflow.job_name("select_d3", ["--out", "gs://b/ws/distill/d1"])
+  # Dataflow's rule for names: lowercase letters, digits and hyphens, a letter first.
+  assert re.fullmatch(r"[a-z][-a-z0-9]*[a-z0-9]", a) and len(a) <= 63
+  code, out, _ = _run_main(dataflow.main, ["distill", *DF_ARGS, "--", *DISTILL_FLAGS,
+                                           "--job_name=mine"], capsys)
+  assert code == 0
+  [job] = _commands(out)[-1:]
+  assert [f for f in job if f.startswith("--job_name")] == ["--job_name=mine"]
 
 
 @pytest.mark.parametrize("argv, needles", [

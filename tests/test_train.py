@@ -428,32 +428,117 @@ def test_the_gin_files_ship_in_the_wheel_and_are_found_installed(tmp_path):
   assert eval_data == "sources/holdout"  # set in digits_base.gin, which it includes
 
 
+def _start(workdir, *bindings, env=None):
+  """A training run in the background, its stderr readable as text."""
+  cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}"]
+  return subprocess.Popen(cmd + [f"--gin_bindings={b}" for b in bindings], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_start_line(proc):
+  """Reads `proc`'s stderr up to the run's start line (logged once the signals are taken)."""
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if line.startswith("conv_s: "):
+      return seen
+  raise AssertionError("the run ended before it started training: " + "".join(seen)[-3000:])
+
+
+def _wait_for_history(proc, workdir, lines):
+  hist = os.path.join(workdir, "history.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(hist) and len(open(hist).read().splitlines()) >= lines:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"the run ended (or hung) before it logged {lines} steps")
+
+
+def _signal_and_wait(proc, signum):
+  """Sends `signum`; (exit status, stderr from then on, seconds from the signal to the exit)."""
+  sent = time.monotonic()
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  return proc.returncode, err, time.monotonic() - sent
+
+
+STOPPED = re.compile(r"^mnv4_train\.main: stopped at step (\d+)( \(another worker was stopped\))?, "
+                     r"saved; run the same command to continue$", re.MULTILINE)
+
+
+def _stopped_at(code, err, seconds, signum, workdir):
+  """The checks of a run stopped by `signum`: its exit status, one line and no traceback, a
+  prompt exit, a checkpoint (model and input position) at the step it names, which is the
+  last step logged, and no finished-run outputs. The step."""
+  assert code == 128 + signum, err[-3000:]
+  assert "Traceback" not in err and "error:" not in err, err[-3000:]
+  lines = STOPPED.findall(err)
+  assert len(lines) == 1 and err.rstrip().endswith("saved; run the same command to continue"), err
+  assert seconds < 30, seconds  # a preemption allows ~30 s
+  step = int(lines[0][0])
+  assert os.path.exists(os.path.join(workdir, "checkpoints", f"ckpt-{step}.index"))
+  assert os.path.exists(os.path.join(workdir, "checkpoints", "data-host0", f"ckpt-{step}.index"))
+  assert _history(workdir)[-1]["step"] == step
+  assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  return step
+
+
+def _assert_same_run(rows, straight):
+  """`rows` (a history that may log several steps in one row) read as the per-step `straight`
+  run: each row's loss and mixture are the means over the steps since the row before it."""
+  by_step = {h["step"]: h for h in straight}
+  steps = [h["step"] for h in rows]
+  assert steps == sorted(set(steps)) and steps[-1] == straight[-1]["step"], steps
+  previous = 0
+  for row in rows:
+    span = [by_step[s] for s in range(previous + 1, row["step"] + 1)]
+    np.testing.assert_allclose(row["loss"], np.mean([h["loss"] for h in span]), rtol=1e-5)
+    np.testing.assert_allclose(row["mixture"]["d1"], np.mean([h["mixture"]["d1"] for h in span]))
+    previous = row["step"]
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_data(distill_records, tmp_path):
+  """One run, stopped three ways and resumed each time, against the same run uninterrupted:
+
+  SIGTERM (a preemption) in a loop of 24 compiled steps (steps_per_loop=24: the loop must end
+  early, at the step it is in, not after 24), SIGINT (Ctrl-C) between and during one-step
+  loops, then SIGKILL (no chance to save: the resume goes back to the last checkpoint).
+  """
   data = f"train.datasets={{'d1': '{distill_records['d1']}', 'd2': '{distill_records['d2']}'}}"
   common = [data, "train.train_steps=24", "train.checkpoint_every=6", "train.op_determinism=True"]
   straight = str(tmp_path / "straight")
   _main(straight, *common)
-  killed = str(tmp_path / "killed")
-  cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={killed}"]
-  proc = subprocess.Popen(cmd + [f"--gin_bindings={b}" for b in common], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  hist = os.path.join(killed, "history.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(hist) and len(open(hist).read().splitlines()) >= 15:
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "the run ended before it could be killed"
+  stopped = str(tmp_path / "stopped")
+
+  # SIGTERM once the run has started (its signal handling is on): the 24-step loop stops early.
+  proc = _start(stopped, *common, "train.steps_per_loop=24", "train.log_every=24",
+                "train.checkpoint_every=24")
+  _wait_for_start_line(proc)
+  first = _stopped_at(*_signal_and_wait(proc, signal.SIGTERM), signal.SIGTERM, stopped)
+  assert 1 <= first < 24
+
+  # SIGINT after a few more steps (one per compiled loop here, with the smoke recipe's cadence).
+  proc = _start(stopped, *common)
+  _wait_for_history(proc, stopped, 8)
+  second = _stopped_at(*_signal_and_wait(proc, signal.SIGINT), signal.SIGINT, stopped)
+  assert first < second < 24
+
+  # SIGKILL: nothing saved at the kill; the resume goes back to the last checkpoint.
+  proc = _start(stopped, *common)
+  _wait_for_history(proc, stopped, 15)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  logged = len(open(hist).read().splitlines())
+  proc.communicate()
+  logged = len(_history(stopped))
   assert 15 <= logged < 24
-  _main(killed, *common)
-  a, b = _history(straight), _history(killed)
-  assert [h["step"] for h in b] == list(range(1, 25)) == [h["step"] for h in a]
-  np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-5)
-  np.testing.assert_allclose([h["mixture"]["d1"] for h in b], [h["mixture"]["d1"] for h in a])
+  _main(stopped, *common)
+  a, b = _history(straight), _history(stopped)
+  assert [h["step"] for h in a] == list(range(1, 25))
+  # The first stop logged steps 1..first in one row (a 24-step loop's partial interval).
+  assert [h["step"] for h in b] == [first] + list(range(first + 1, 25))
+  _assert_same_run(b, a)
 
 
 def _free_ports(n):
@@ -466,31 +551,53 @@ def _free_ports(n):
   return ports
 
 
+def _start_workers(workdir, bindings, count=2):
+  """`count` workers of one MultiWorkerMirroredStrategy run, on free local ports."""
+  cluster = {"worker": [f"localhost:{p}" for p in _free_ports(count)]}
+  return [_start(workdir, *bindings, "train.distribution='multiworker'",
+                 env=dict(os.environ, TF_CONFIG=json.dumps(
+                     {"cluster": cluster, "task": {"type": "worker", "index": index}})))
+          for index in range(count)]
+
+
+def _finish_workers(procs, timeout=240):
+  """Each worker's (exit status, stderr), never leaving one behind."""
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, err) for p, (_, err) in zip(procs, outs)]
+
+
 @pytest.mark.slow
 def test_two_workers_train_like_one_worker_with_two_replicas(distill_records, tmp_path):
+  """Two workers against one process with two replicas, the workers preempted on the way: a
+  SIGTERM to worker 1 alone stops both after the same step, both save it, and the resumed
+  workers finish with the one process's losses."""
   common = [f"train.datasets={{'d1': '{distill_records['d1']}'}}", "train.train_steps=6",
             "train.global_batch_size=16", "train.shard_policy='data'",
             "train.op_determinism=True"]
   one = str(tmp_path / "one")
   _main(one, *common, "train.cpu_replicas=2")
   two = str(tmp_path / "two")
-  ports = _free_ports(2)
-  cluster = {"worker": [f"localhost:{p}" for p in ports]}
-  procs = []
-  for index in range(2):
-    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster,
-                                                  "task": {"type": "worker", "index": index}}))
-    cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={two}"]
-    procs.append(subprocess.Popen(
-        cmd + [f"--gin_bindings={b}" for b in common + ["train.distribution='multiworker'"]],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:  # never leave a worker behind
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+  procs = _start_workers(two, common)
+  _wait_for_start_line(procs[1])  # worker 1 takes signals from here on
+  procs[1].send_signal(signal.SIGTERM)
+  (code0, err0), (code1, err1) = _finish_workers(procs)
+  assert code0 == code1 == 143, (err0[-2000:], err1[-2000:])
+  assert "Traceback" not in err0 + err1
+  (step0, peer0), = STOPPED.findall(err0)
+  (step1, peer1), = STOPPED.findall(err1)
+  assert step0 == step1 and peer0 and not peer1  # worker 0 stopped for worker 1's signal
+  step = int(step0)
+  assert 1 <= step < 6
+  for part in ("", "data-host0/", "data-host1/"):
+    assert os.path.exists(os.path.join(two, "checkpoints", f"{part}ckpt-{step}.index")), part
+  assert not os.path.exists(os.path.join(two, "metrics.json"))
+  outs = _finish_workers(_start_workers(two, common))
+  assert all(code == 0 for code, _ in outs), [err[-2000:] for _, err in outs]
   a, b = _history(one), _history(two)
   assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 7))
   np.testing.assert_allclose([h["loss"] for h in b], [h["loss"] for h in a], rtol=1e-4)

@@ -29,18 +29,29 @@ function of the file: on restore the interleave reads the shard again.
 Sharding over hosts: "files" gives each host its own (record, source) pairs; "data" has every
 host build the global stream and take its own part of each global batch, so N hosts see exactly
 the batches one host with N replicas would (for small datasets, and to check multi-worker runs).
+
+Damaged data. `check_files` (the trainer calls it on every dataset before it builds anything)
+checks that every file a dataset reads is there and, where the manifest records sizes, has its
+size. During the run every file is read whole by `_read_checked`, which fails with an
+InvalidArgumentError that names the file when it holds fewer whole records than its manifest
+says (missing, truncated, a record whose CRC fails: TFRecordDataset's own DataLossError does
+not say which file) or more; `naming_bad_files` turns such an error into a `DataError` that
+names the file, its dataset and the command that rebuilds it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import os
+import re
 from typing import Optional
 
 import tensorflow as tf
 
 from mnv4_train.data import augment, formats, records
-from mnv4_train.errors import ConfigError, InputPathError
+from mnv4_train.errors import ConfigError, DataError, InputPathError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,8 @@ class ShardPair:
   source_count: int                  # images in it
   record_file: Optional[str] = None  # None for a source-shards dataset (parameters are drawn)
   record_count: int = 0
+  source_bytes: Optional[int] = None  # the files' sizes as the manifests record them (None:
+  record_bytes: Optional[int] = None  # a manifest written before sizes were recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +82,8 @@ class DatasetInfo:
   # None for older manifests without it): replay needs its RandAugment constants, JPEG quality
   # and how many RandAugment layers it ran.
   recipe_settings: augment.Recipe | None = None
+  source_path: str | None = None     # the source shards folder the records replay (distill)
+  what: str = ""                     # how messages name it (default: "dataset '<name>'")
 
   @property
   def jpeg_quality(self) -> int:
@@ -76,26 +91,43 @@ class DatasetInfo:
     the JPEG step have none)."""
     return self.recipe_settings.jpeg_quality if self.recipe_settings else 0
 
+  @property
+  def label(self) -> str:
+    return self.what or f"dataset '{self.name}'"
 
-def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
-  """Reads a stage output's manifest: distillation records or source shards."""
+
+def open_dataset(path: str, name: str | None = None, *, what: str | None = None) -> DatasetInfo:
+  """Reads a stage output's manifest: distillation records or source shards.
+
+  `what` is how messages name the dataset (default "dataset '<name>'"). The files themselves
+  are not looked at here: `check_files` does that.
+  """
   name = name or os.path.basename(path.rstrip("/"))
-  manifest = formats.read(path, f"dataset '{name}'", formats.DistillRecords,
-                          formats.SourceShards)
+  what = what or f"dataset '{name}'"
+  manifest = formats.read(path, what, formats.DistillRecords, formats.SourceShards)
   if isinstance(manifest, formats.DistillRecords):
-    source = manifest.source
+    source = manifest.source_folder(path)
     if not tf.io.gfile.exists(os.path.join(source, formats.MANIFEST)):
-      raise InputPathError(f"dataset '{name}' ({path}) was built from source shards {source}, "
-                           "which are gone; put them back at that path")
-    source_counts = {s.path: s.count for s in
-                     formats.SourceShards.read(source, f"the source of dataset '{name}'").shards}
+      raise DataError(f"{what} ({path}) was built from source shards {source}, which are gone; "
+                      "put them back at that path, or rebuild them with data_prep.ingest and "
+                      "these records with data_prep.distill")
+    source_shards = {s.path: s for s in
+                     formats.SourceShards.read(source, f"the source of {what}").shards}
     pairs = []
     for f in manifest.files:
-      shard = os.path.basename(f.path)
-      if f.count:
-        pairs.append(ShardPair(source_shard=os.path.join(source, shard),
-                               source_count=source_counts[shard],
-                               record_file=os.path.join(path, f.path), record_count=f.count))
+      record_file = formats.inside(path, f.path, what)
+      if not f.count:
+        continue
+      shard = source_shards.get(os.path.basename(f.path))
+      if shard is None:
+        raise DataError(f"{what}: record file {record_file} replays source shard "
+                        f"{os.path.basename(f.path)}, which the source shards {source} do not "
+                        "list (the records were built from other shards); rebuild the records "
+                        "with data_prep.distill")
+      pairs.append(ShardPair(
+          source_shard=formats.inside(source, shard.path, f"the source of {what}"),
+          source_count=shard.count, record_file=record_file, record_count=f.count,
+          source_bytes=shard.bytes, record_bytes=f.bytes))
     return DatasetInfo(name=name, path=path, kind="distill", pairs=tuple(pairs),
                        num_classes=int(manifest.num_classes),
                        num_examples=int(manifest.num_records),
@@ -104,30 +136,189 @@ def open_dataset(path: str, name: str | None = None) -> DatasetInfo:
                        recipe=manifest.recipe,
                        recipe_settings=augment.Recipe.from_settings(
                            {"name": manifest.recipe, **manifest.recipe_settings})
-                       if manifest.recipe_settings else None)
-  pairs = tuple(ShardPair(source_shard=os.path.join(path, s.path), source_count=s.count)
+                       if manifest.recipe_settings else None,
+                       source_path=source, what=what if what != f"dataset '{name}'" else "")
+  pairs = tuple(ShardPair(source_shard=formats.inside(path, s.path, what), source_count=s.count,
+                          source_bytes=s.bytes)
                 for s in manifest.shards if s.count)
   return DatasetInfo(name=name, path=path, kind="source", pairs=pairs,
                      num_classes=int(manifest.num_classes),
                      num_examples=int(manifest.num_examples),
-                     epoch_examples=int(manifest.num_examples))
+                     epoch_examples=int(manifest.num_examples),
+                     what=what if what != f"dataset '{name}'" else "")
+
+
+# ---- damaged data: checked before the run, named when a read fails during it -----------------
+
+def _files_of(info: DatasetInfo):
+  """(path, "record file" | "source shard", manifest count, manifest bytes) of every file the
+  dataset reads, each once."""
+  seen = {}
+  for p in info.pairs:
+    if p.record_file:
+      seen.setdefault(p.record_file, ("record file", p.record_count, p.record_bytes))
+    seen.setdefault(p.source_shard, ("source shard", p.source_count, p.source_bytes))
+  return [(path, *rest) for path, rest in seen.items()]
+
+
+def _rebuild(info: DatasetInfo, kind: str) -> str:
+  """The command(s) that rebuild a dataset's file of `kind`."""
+  if kind == "record file":
+    return f"rebuild {info.label} ({info.path}) with data_prep.distill"
+  if info.kind == "distill":
+    return (f"rebuild its source shards ({info.source_path}) with data_prep.ingest, then "
+            f"{info.label} from them with data_prep.distill")
+  return f"rebuild {info.label} ({info.path}) with data_prep.ingest"
+
+
+def _bad_file(info: DatasetInfo, path: str, kind: str, problem: str) -> DataError:
+  return DataError(f"{info.label}: {kind} {path} {problem}; {_rebuild(info, kind)}")
+
+
+def _size(path: str) -> int | None:
+  try:
+    return tf.io.gfile.stat(path).length
+  except tf.errors.NotFoundError:
+    return None
+
+
+def check_files(info: DatasetInfo, *, threads: int = 32) -> None:
+  """Every file `info` reads exists and, where its manifest records one, has that size.
+
+  One stat per file (in `threads` threads: a bucket answers each in tens of ms).
+
+  Raises:
+    DataError: the first missing or mis-sized file, with its dataset and the rebuild command.
+  """
+  files = _files_of(info)
+  if len(files) > 8:
+    with concurrent.futures.ThreadPoolExecutor(min(threads, len(files))) as pool:
+      sizes = list(pool.map(_size, [f[0] for f in files]))
+  else:
+    sizes = [_size(f[0]) for f in files]
+  for (path, kind, _, want), got in zip(files, sizes):
+    if got is None:
+      raise _bad_file(info, path, kind, "is missing")
+    if want is not None and got != want:
+      raise _bad_file(info, path, kind, f"is {got} bytes but its manifest says {want} "
+                      "(truncated or overwritten)")
+
+
+def diagnose(path: str, count: int, size: int | None = None) -> str | None:
+  """What is wrong with one TFRecord file that should hold `count` records (of `size` bytes,
+  when known), found by reading it whole; None when nothing is."""
+  got = _size(path)
+  if got is None:
+    return "is missing"
+  if size is not None and got != size:
+    return f"is {got} bytes but its manifest says {size} (truncated or overwritten)"
+  n = 0
+  try:
+    for _ in tf.data.TFRecordDataset(path):
+      n += 1
+  except tf.errors.OpError as e:
+    if "truncated" not in e.message:
+      return f"is corrupt after {n} of its {count} records ({_reason(e)})"
+  if n < count:  # TFRecordDataset ends a file cut inside a record's header without an error
+    return f"is truncated: it holds {n} whole records, its manifest lists {count}"
+  if n > count:
+    return (f"holds {n} records, more than the {count} its manifest lists (not the file the "
+            "manifest lists)")
+  return None
+
+
+def _reason(error) -> str:
+  """A TensorFlow error's message without its function-node and op decorations."""
+  text = first_line(getattr(error, "message", error))
+  text = re.sub(r"\{\{[^}]*\}\}", "", text)
+  text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
+  return text.strip() or type(error).__name__
+
+
+def bad_file_error(infos, error: tf.errors.OpError) -> DataError | None:
+  """The DataError for a read error that names one of the datasets' files (the checked reads'
+  assertion, or TensorFlow's own NotFoundError), else None."""
+  message = str(getattr(error, "message", error))
+  named = [(len(path), i, info, path, kind, count, size)
+           for i, info in enumerate(infos) if info is not None
+           for path, kind, count, size in _files_of(info) if path in message]
+  if not named:
+    return None
+  # The longest path named (one file's path may begin another's); the first dataset reading it.
+  _, _, info, path, kind, count, size = max(named, key=lambda n: (n[0], -n[1]))
+  problem = diagnose(path, count, size) or f"could not be read ({_reason(error)})"
+  return _bad_file(info, path, kind, problem)
+
+
+@contextlib.contextmanager
+def naming_bad_files(infos):
+  """Turns a TensorFlow error raised inside the block that names one of the datasets' files
+  into that file's DataError (one line: the file, its dataset, the rebuild command)."""
+  try:
+    yield
+  except tf.errors.OpError as e:
+    error = bad_file_error(infos, e)
+    if error is None:
+      raise
+    raise error from None
 
 
 # ---- per-dataset streams of light elements (encoded images, parameters, teacher) --------------
 
+CHECKED_READ = "mnv4-checked-read"  # in the assertion's message, before the file's path
+
+
+def _glob_literal(path):
+  """`path` as a pattern that matches only itself (tf.io.matching_files takes globs)."""
+  return tf.strings.regex_replace(path, r"([*?\[\]\\])", r"\\\1")
+
+
+def _read_checked(path, count):
+  """A TFRecord file's records, all of them, as one [count] string tensor, or an
+  InvalidArgumentError naming the file when it holds fewer whole records (missing, truncated,
+  a record failing its CRC) or more than `count` (its manifest's count).
+
+  TFRecordDataset's own errors do not name the file, so they are skipped (`ignore_errors`
+  ends the file at its first bad record) and the count tells. A file that cannot be opened
+  would be retried forever by `ignore_errors`: the file is looked up first.
+  """
+  count = tf.cast(count, tf.int64)
+  exists = tf.size(tf.io.matching_files(_glob_literal(path))) > 0
+
+  def read():
+    return (tf.data.TFRecordDataset(path).ignore_errors()
+            .batch(count + 1)
+            .concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string)))
+            .take(1).get_single_element())
+  got = tf.cond(exists, read, lambda: tf.zeros([0], tf.string))
+  n = tf.size(got, out_type=tf.int64)
+  check = tf.debugging.Assert(tf.equal(n, count), [CHECKED_READ, path, "whole records:", n,
+                                                   "manifest:", count])
+  with tf.control_dependencies([check]):
+    return tf.identity(got)
+
+
 def _read_whole(path, count):
-  """A file's `count` records as one batch (count from the manifest, so nothing over-allocates)."""
-  return tf.data.TFRecordDataset(path).batch(count).get_single_element()
+  """A file's `count` records as one batch (count from the manifest, so nothing over-allocates);
+  checked (`_read_checked`)."""
+  return _read_checked(path, count)
 
 
 def _source_table(shard_path, count):
-  """One source shard, read whole: encoded images, labels, ids, heights, widths by position."""
-  def fields(serialized):
-    ex = records.parse_source(serialized)
-    return {"encoded": ex["image/encoded"], "label": tf.cast(ex["image/label"], tf.int32),
-            "id": ex["image/id"], "height": tf.cast(ex["image/height"], tf.int32),
-            "width": tf.cast(ex["image/width"], tf.int32)}
-  return tf.data.TFRecordDataset(shard_path).map(fields).batch(count).get_single_element()
+  """One source shard, read whole (checked): encoded images, labels, ids, heights, widths by
+  position."""
+  ex = tf.io.parse_example(_read_checked(shard_path, count), records.SOURCE_FEATURES)
+  return {"encoded": ex["image/encoded"], "label": tf.cast(ex["image/label"], tf.int32),
+          "id": ex["image/id"], "height": tf.cast(ex["image/height"], tf.int32),
+          "width": tf.cast(ex["image/width"], tf.int32)}
+
+
+def _checked_records(pairs):
+  """The source shards of `pairs`, one after another, record by record (checked)."""
+  files = tf.constant([p.source_shard for p in pairs])
+  counts = tf.constant([p.source_count for p in pairs], tf.int64)
+  return tf.data.Dataset.from_tensor_slices((files, counts)).flat_map(
+      lambda f, c: tf.data.Dataset.from_tensor_slices(_read_checked(f, c)))
 
 
 def _permuted(count, seed, shuffle: bool):
@@ -260,8 +451,6 @@ def decode_all(dataset: DatasetInfo, resolution: int):
   """Every image of a source-shards dataset, whole and resized as the streaming input gives it
   (`augment.apply` with the full-image crop, no flip), uint8 [n, res, res, 3], with its labels
   int32 [n], in file order."""
-  files = [p.source_shard for p in dataset.pairs]
-
   def whole(serialized):
     ex = records.parse_source(serialized)
     image = augment.decode(ex["image/encoded"])
@@ -269,7 +458,7 @@ def decode_all(dataset: DatasetInfo, resolution: int):
     crop = tf.stack([0, 0, shape[0], shape[1]])
     return (augment.crop_resize_flip(image, crop, tf.constant(0), resolution),
             tf.cast(ex["image/label"], tf.int32))
-  images, labels = (tf.data.TFRecordDataset(files)
+  images, labels = (_checked_records(dataset.pairs)
                     .map(whole, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                     .batch(dataset.num_examples).get_single_element())
   return images, labels
@@ -520,18 +709,22 @@ def _streamed(datasets, resolution, host_batch, num_classes, boundaries, table, 
           .batch(host_batch, drop_remainder=True))
 
 
-def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: float = 0.875):
-  """Held-out source shards -> batches of {image (central crop), label}, every image once."""
-  info = open_dataset(path, "eval")
+def eval_dataset(path: str, *, resolution: int, batch_size: int, crop_fraction: float = 0.875,
+                 what: str = "the eval data"):
+  """Held-out source shards -> batches of {image (central crop), label}, every image once.
+
+  Its files are checked as `check_files` does, and read checked (`naming_bad_files` with the
+  returned info names a damaged one)."""
+  info = open_dataset(path, "eval", what=what)
   if info.kind != "source":
     raise ConfigError(f"eval data {path} must be source shards (data_prep.ingest output)")
-  files = [p.source_shard for p in info.pairs]
+  check_files(info)
 
   def prepare(serialized):
     ex = records.parse_source(serialized)
     image = augment.center_crop(augment.decode(ex["image/encoded"]), resolution, crop_fraction)
     return {"image": image, "label": tf.cast(ex["image/label"], tf.int32)}
-  ds = (tf.data.TFRecordDataset(files)
+  ds = (_checked_records(info.pairs)
         .map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE))

@@ -5,6 +5,10 @@ Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy ("Attempt to convert
 iterator, hands each local replica its slice (`experimental_distribute_values_from_function`)
 and runs `Trainer.replica_step` with `strategy.run`; the Keras 3 optimizer all-reduces the
 gradients. Statistics come back as named sums (`mnv4_train.training.stats`).
+
+A stop request (`stop`, the flag of `mnv4_train.training.preemption.StopSignals`) ends a loop
+after the step it is in: each replica adds its host's flag to the step's statistics vector,
+which is all-reduced every step, so every worker leaves the loop after the same step.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class Trainer:
   """Holds the strategy, student, optimizer and the compiled train/eval loops."""
 
   def __init__(self, strategy, distiller: Distiller, optimizer, *, global_batch: int,
-               datasets: list[str], l2_regularization: float = 0.0):
+               datasets: list[str], l2_regularization: float = 0.0, stop=None):
     self.strategy = strategy
     self.distiller = distiller
     self.student = distiller.student
@@ -48,13 +52,20 @@ class Trainer:
     self.host, self.num_hosts, self.local_replicas = host_info(strategy)
     self.replica_batch = global_batch // strategy.num_replicas_in_sync
     self.has_teacher = distiller.distill_weight > 0
+    # A boolean tf.Variable that, set from any thread, ends the running loop after its step.
+    self.stop = stop if stop is not None else tf.Variable(False, trainable=False,
+                                                          name="stop_requested")
     self._train_loop = tf.function(self._train_loop_fn)
     self.eval_batch = tf.function(self._eval_batch)
 
-  def train_loop(self, iterator, steps: int) -> dict[str, float]:
-    """Runs `steps` steps from `iterator`; the sums of every statistic over them, by name."""
-    totals = self._train_loop(iterator, tf.constant(steps)).numpy()
-    return dict(zip(self.stat_names, totals))
+  def train_loop(self, iterator, steps: int) -> tuple[dict[str, float], int, bool]:
+    """Runs `steps` steps from `iterator`, fewer when a stop is requested.
+
+    Returns the sums of every statistic over the steps run, by name, how many steps ran, and
+    whether a stop was requested on any worker (then every worker ran the same steps).
+    """
+    totals, done, stopped = self._train_loop(iterator, tf.constant(steps))
+    return dict(zip(self.stat_names, totals.numpy())), int(done), bool(stopped)
 
   def _slice(self, batch):
     """Host batch -> this host's replicas' slices, as distributed values."""
@@ -97,34 +108,52 @@ class Trainer:
     sums.update({stats.dataset_key(d): per_dataset[i] for i, d in enumerate(self.datasets)})
     return sums
 
-  def _packed_step(self, batch):
-    # One vector in `stat_names` order, so the replicas' sums take a single all-reduce.
+  def _packed_step(self, batch, stop):
+    # One vector in `stat_names` order and the stop flag last, so the replicas' sums and the
+    # workers' stop requests take a single all-reduce.
     sums = self.replica_step(batch)
-    return tf.stack([sums[name] for name in self.stat_names])
+    return tf.stack([sums[name] for name in self.stat_names] + [stop])
+
+  def _stop_value(self):
+    """This host's stop flag as a float, read afresh at every step."""
+    return tf.cast(self.stop.read_value(), tf.float32)
 
   def _train_loop_fn(self, iterator, steps):
     totals = tf.zeros([len(self.stat_names)])
+    done = tf.constant(0)
+    stopped = tf.constant(False)
     for _ in tf.range(steps):
       batch = next(iterator)
-      packed = self.strategy.run(self._packed_step, args=(self._slice(batch),))
-      totals += self.strategy.reduce(tf.distribute.ReduceOp.SUM, packed, axis=None)
-    return totals
+      packed = self.strategy.run(self._packed_step, args=(self._slice(batch),
+                                                          self._stop_value()))
+      reduced = self.strategy.reduce(tf.distribute.ReduceOp.SUM, packed, axis=None)
+      totals += reduced[:-1]
+      done += 1
+      stopped = reduced[-1] > 0  # the same on every worker: all of them leave after this step
+      if stopped:
+        break
+    return totals, done, stopped
 
-  def replica_eval(self, batch):
+  def replica_eval(self, batch, stop=0.0):
     logits = self.student(batch["image"], training=False)
     mask = batch["mask"]
     top1 = tf.cast(tf.math.in_top_k(batch["label"], logits, 1), tf.float32)
     k = min(5, int(logits.shape[-1]))
     top5 = tf.cast(tf.math.in_top_k(batch["label"], logits, k), tf.float32)
-    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask)])
+    return tf.stack([tf.reduce_sum(top1 * mask), tf.reduce_sum(top5 * mask), tf.reduce_sum(mask),
+                     stop])
 
   def _eval_batch(self, batch):
-    sums = self.strategy.run(self.replica_eval, args=(self._slice(batch),))
+    sums = self.strategy.run(self.replica_eval, args=(self._slice(batch), self._stop_value()))
     return self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
-  def evaluate(self, dataset, host_batch: int) -> dict:
-    """Top-1 / top-5 over `dataset` (batches padded to `host_batch`, the padding masked)."""
-    totals = np.zeros(3)
+  def evaluate(self, dataset, host_batch: int) -> dict | None:
+    """Top-1 / top-5 over `dataset` (batches padded to `host_batch`, the padding masked).
+
+    None when a stop was requested on any worker during it (all of them agree, batch by batch,
+    through the same all-reduce as the sums): the evaluation is abandoned.
+    """
+    totals = np.zeros(4)
     for batch in dataset:
       n = int(batch["label"].shape[0])
       pad = host_batch - n
@@ -132,6 +161,8 @@ class Trainer:
                "label": tf.pad(batch["label"], [[0, pad]]),
                "mask": tf.concat([tf.ones([n]), tf.zeros([pad])], 0)}
       totals += self.eval_batch(batch).numpy()
+      if totals[3] > 0:
+        return None
     count = max(totals[2], 1.0)
     return {"top1": float(totals[0] / count), "top5": float(totals[1] / count),
             "examples": int(totals[2] / self.num_hosts)}
