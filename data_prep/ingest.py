@@ -523,10 +523,11 @@ def _inputs(args) -> dict:
   """Every path the job reads, by flag (its --out may overlap none of them)."""
   inputs = {f"--{k}": getattr(args, k) for k in (
       "images", "tfds_dir", "tfds_data_dir", "tfds_manual_dir", "tfrecords", "class_names",
-      "unlabeled_images", "fashion_mnist_dir")}
-  if args.fashion_mnist:
-    for path in fashion_mnist.locate(args.fashion_mnist, args.fashion_mnist_dir) or ():
-      inputs["--fashion_mnist"] = os.path.dirname(path)
+      "unlabeled_images")}
+  if args.fashion_mnist:  # the IDX files themselves (a folder beside them is fine)
+    for i, path in enumerate(fashion_mnist.locate(args.fashion_mnist, args.fashion_mnist_dir)
+                             or ()):
+      inputs[f"--fashion_mnist ({'images' if i == 0 else 'labels'})"] = path
   return inputs
 
 
