@@ -5,7 +5,8 @@ finished, with `manifest.json` moved last: a folder with a manifest is complete,
 is not. A job removes only what it made: `--out` may not overlap an input, an existing `--out`
 is replaced only when it is a finished output of the same kind (with `--overwrite`), and the
 staging folder carries this project's claim file (`mnv4_train.ownership`), which is also the
-lock that keeps a second job off the same output. Paths go through `tf.io.gfile`, so local folders and `gs://` buckets work alike.
+lock that keeps a second job off the same output. Paths go through `tf.io.gfile`, so local
+folders and `gs://` buckets work alike.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def commit(tmp: str, out: str, kind: type[formats.Manifest]) -> None:
     elif tf.io.gfile.listdir(out):
       raise InputPathError(f"--out {out} was filled by something else while the job ran; "
                            f"nothing was replaced, the finished output is in {tmp}")
+    elif "://" not in out:
+      os.rmdir(out)  # refuses, rather than removes, a folder filled since the check above
     else:
       tf.io.gfile.rmtree(out)
   if "://" not in out:
