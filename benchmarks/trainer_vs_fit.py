@@ -31,13 +31,13 @@ Checkpoint saves and evaluations are not timed (fit does neither): the checkpoin
 `run_loop` saves nothing, and there is no eval data. Four rows:
   - labels: `digits_student.gin`, labels only (teacher "none") from the source shards: decode,
     the recipe's online augmentation (none for digits: whole image, no RandAugment, no flip),
-    with `train.memory_cache=False` (the streaming input every other recipe reads);
-  - labels, memory_cache: the same as the recipe ships it, `train.memory_cache=True`: the
+    with `data.memory_cache=False` (the streaming input every other recipe reads);
+  - labels, memory_cache: the same as the recipe ships it, `data.memory_cache=True`: the
     digits decoded once and held in memory, each step one gather of its batch (what fit's
     arrays do);
   - distill: `digits_distill.gin` on D1 alone (teacher "records"): replay of the stored crop +
     RandAugment + JPEG round trip, KL against the stored teacher logits;
-  - distill, memory_cache: the same with `train.memory_cache=True` (not the recipe's setting):
+  - distill, memory_cache: the same with `data.memory_cache=True` (not the recipe's setting):
     every record replayed once into memory before training, each step one gather.
 
 Timing, the same for every row: first one untimed call of `--warmup` steps (tracing, tf.data
@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import shutil
@@ -89,37 +88,41 @@ DISTILL_GIN = "digits_distill.gin"
 
 # ---- settings ---------------------------------------------------------------------------------
 
-def recipe_settings(gin_file: str, workdir: str, *, width: float, **overrides
-                    ) -> train_lib.Settings:
-  """`train.train`'s settings as `gin_file` binds them (with the defaults of `train`), the
-  model's width replaced by `width` (its other model_options kept), then `overrides` by name.
-  Leaves gin's configuration cleared."""
+def recipe_config(gin_file: str, workdir: str, *, width: float, overrides: dict
+                  ) -> train_lib.Config:
+  """The settings `gin_file` binds, made by gin as `train.train` makes them, the student's
+  width replaced by `width` (its other options kept), then `overrides` by binding name
+  ("data.memory_cache": False, ...). Leaves gin's configuration cleared."""
   probe_filter = train_main._GinProbeFilter()  # pylint: disable=protected-access
   logging.getLogger().addFilter(probe_filter)  # gin's "Path not found" probes for `include`
   try:
     gin.clear_config()
     gin.add_config_file_search_path(train_main.GIN_DIR)
     gin.parse_config_file(train_main.resolve_gin_file(gin_file))
-    bound = gin.get_bindings("train")
+    options = gin.get_bindings("student").get("options") or {}
+    gin.bind_parameter("student.options", {**options, "width": width})
+    for name, value in overrides.items():
+      gin.bind_parameter(name, value)
+    return train_lib.Config.make(workdir)
   finally:
     gin.clear_config()
     logging.getLogger().removeFilter(probe_filter)
-  defaults = {name: p.default for name, p in
-              list(inspect.signature(train_lib.train).parameters.items())[1:]}
-  values = {**defaults, **bound}
-  values["model_options"] = {**(values.get("model_options") or {}), "width": width}
-  values.update(overrides)
-  return train_lib.Settings(workdir=workdir, **values)
 
 
 def trainer_overrides(args, datasets: dict) -> dict:
   """What every trainer row changes in its recipe: data, shape, length, no evaluation."""
-  return dict(datasets=datasets, weights=None, weight_schedule=None, data_root=None,
-              eval_data=None, eval_every=None, global_batch_size=args.batch,
-              resolution=args.resolution,
-              train_steps=args.warmup + args.rounds * (args.lead_in + args.steps),
-              epochs=None, distribution=args.distribution,
-              mixed_precision=args.mixed_precision)
+  return {"data.datasets": datasets, "data.weights": None, "data.weight_schedule": None,
+          "data.root": None, "data.eval_data": None, "cadence.eval_every": None,
+          "schedule.global_batch_size": args.batch, "student.resolution": args.resolution,
+          "schedule.train_steps": args.warmup + args.rounds * (args.lead_in + args.steps),
+          "schedule.epochs": None, "runtime.distribution": args.distribution,
+          "runtime.mixed_precision": args.mixed_precision}
+
+
+def cached(config: train_lib.Config, workdir: str) -> train_lib.Config:
+  """`config` with `data.memory_cache` on, in `workdir`."""
+  return dataclasses.replace(config, workdir=workdir,
+                             data=dataclasses.replace(config.data, memory_cache=True))
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -166,17 +169,17 @@ class Clock:
 class FitRow:
   """The anchor: plain `fit` on in-memory arrays, the trainer's optimizer and model settings."""
 
-  def __init__(self, settings: train_lib.Settings, plan: train_lib.Plan, images, labels):
-    self.model = models.build(settings.model, num_classes=plan.num_classes,
-                              resolution=plan.resolution, **(settings.model_options or {}))
-    optimizer = train_lib.build_optimizer(settings, self.model, plan.train_steps,
+  def __init__(self, config: train_lib.Config, plan: train_lib.Plan, images, labels):
+    self.model = models.build(config.student.model, num_classes=plan.num_classes,
+                              resolution=plan.resolution, **(config.student.options or {}))
+    optimizer = train_lib.build_optimizer(config, self.model, plan.train_steps,
                                           plan.mixed_precision, warmup_steps=plan.warmup_steps,
                                           ema_start_step=plan.ema_start_step)
     self.model.compile(optimizer=optimizer,
                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                        metrics=[keras.metrics.SparseCategoricalAccuracy()], jit_compile=False)
     self.ds = (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-               .batch(settings.global_batch_size, drop_remainder=True)
+               .batch(config.schedule.global_batch_size, drop_remainder=True)
                .prefetch(tf.data.AUTOTUNE))
 
   def params(self) -> int:
@@ -225,12 +228,12 @@ class _NoCheckpoint:
 class TrainerRow:
   """Ours: the trainer's plan, build and loop, continued round after round."""
 
-  def __init__(self, settings: train_lib.Settings):
-    self.settings = settings
-    self.plan = train_lib.plan_run(settings)
+  def __init__(self, config: train_lib.Config):
+    self.config = config
+    self.plan = train_lib.plan_run(config)
     self.run = train_lib.build(self.plan)
-    self.writer = MetricWriter(settings.workdir, chief=True, train_steps=self.plan.train_steps,
-                               global_batch=settings.global_batch_size)
+    self.writer = MetricWriter(config.workdir, chief=True, train_steps=self.plan.train_steps,
+                               global_batch=config.schedule.global_batch_size)
     self.writer.start(0)
     self.step = 0
     self.timed = []  # (first, last] steps of each timed call
@@ -239,10 +242,10 @@ class TrainerRow:
     return self.run.student.count_params()
 
   def steps(self, n: int):
-    s = self.settings
+    c = self.config.cadence
     cadence = Cadence(train_steps=self.plan.train_steps, stop_at=self.step + n,
-                      steps_per_loop=s.steps_per_loop, log_every=s.log_every,
-                      checkpoint_every=s.checkpoint_every, eval_every=None)
+                      steps_per_loop=c.steps_per_loop, log_every=c.log_every,
+                      checkpoint_every=c.checkpoint_every, eval_every=None)
     self.step = train_lib.run_loop(self.plan, self.run, cadence, self.step, _NoCheckpoint(),
                                    self.writer)
 
@@ -257,7 +260,7 @@ class TrainerRow:
 
   def logged_rate(self) -> float | None:
     """The trainer's own examples/s: median over the history rows of the timed calls."""
-    rows = read_jsonl(os.path.join(self.settings.workdir, "history.jsonl"))
+    rows = read_jsonl(os.path.join(self.config.workdir, "history.jsonl"))
     rates = [r["examples_per_second"] for r in rows
              if any(a < r["step"] <= b for a, b in self.timed)]
     return statistics.median(rates) if rates else None
@@ -337,7 +340,7 @@ def main():
                       help="cpu hides any GPU from both sides")
   parser.add_argument("--mixed_precision", choices=["auto", "mixed_bfloat16", "float32"],
                       default="auto", help="the dtype policy of every row (the trainer's "
-                      "train.mixed_precision; auto: float32 on the CPU). mixed_bfloat16: "
+                      "runtime.mixed_precision; auto: float32 on the CPU). mixed_bfloat16: "
                       "bf16 convolutions and matmuls, float32 variables, BatchNorm and softmax")
   args = parser.parse_args()
   for flag in ("steps", "warmup", "lead_in", "rounds", "batch", "resolution", "images"):
@@ -350,16 +353,17 @@ def main():
   try:
     source, d1 = digits_data(work, args.images, args.resolution)
     rows = {}
-    labels = recipe_settings(LABELS_GIN, os.path.join(work, "run_labels"), width=args.width,
-                             memory_cache=False, **trainer_overrides(args, {"digits": source}))
+    labels = recipe_config(LABELS_GIN, os.path.join(work, "run_labels"), width=args.width,
+                           overrides={**trainer_overrides(args, {"digits": source}),
+                                      "data.memory_cache": False})
     rows["ours: labels, source shards"] = TrainerRow(labels)
-    rows["ours: labels, memory_cache"] = TrainerRow(dataclasses.replace(
-        labels, workdir=os.path.join(work, "run_cached"), memory_cache=True))
-    distill = recipe_settings(DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
-                              **trainer_overrides(args, {"d1": d1}))
+    rows["ours: labels, memory_cache"] = TrainerRow(cached(labels,
+                                                           os.path.join(work, "run_cached")))
+    distill = recipe_config(DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
+                            overrides=trainer_overrides(args, {"d1": d1}))
     rows["ours: distill, D1 replay"] = TrainerRow(distill)
-    rows["ours: distill, D1 memory_cache"] = TrainerRow(dataclasses.replace(
-        distill, workdir=os.path.join(work, "run_distill_cached"), memory_cache=True))
+    rows["ours: distill, D1 memory_cache"] = TrainerRow(
+        cached(distill, os.path.join(work, "run_distill_cached")))
     images, y = source_arrays(source, args.resolution)
     anchor = "anchor: keras fit, in-memory arrays"
     # Built last, under the global dtype policy the trainer's plan set.

@@ -2,13 +2,11 @@
 
 One module per job (`ingest`, `select_d3`, `distill`), shared transforms in `transforms`, output
 plumbing in `files`; see WORKSPACE.md for the data flow. `data_prep` imports `mnv4_train`'s
-record and augmentation modules, never the reverse.
+record and augmentation modules, never the reverse. Importing it leaves TensorFlow's logging as
+the caller set it: each job's command line quiets it (`mnv4_train.cli.quiet_tensorflow`).
 """
 
 import logging as _logging
-import os as _os
-
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class _OptionalGcpNotice(_logging.Filter):

@@ -12,7 +12,8 @@ workers') go to stderr as they come. `--verbose` prints everything the libraries
 How, on the DirectRunner's `multi_processing` mode (worker processes that Beam starts itself):
 - The workers inherit this process's stdout and stderr and print their import notices and
   harness INFO lines there. While a pipeline runs, the console points both at a pipe it reads
-  (`_Capture`) and keeps it out of view; the last lines are shown if the pipeline fails.
+  (`mnv4_train.cli.NativeOutput`) and keeps it out of view; the last lines are shown if the
+  pipeline fails.
 - Workers forward their log records to this process through Beam's logging service; they arrive
   on Beam's `local_job_service` logger as `Worker: <LogEntry>`. The console shows those at
   WARNING and above as `worker: <message>`, and workers log at WARNING unless `--verbose`
@@ -39,6 +40,7 @@ import time
 
 import apache_beam as beam
 
+from mnv4_train.cli import NativeOutput
 from mnv4_train.errors import first_line
 from mnv4_train.ownership import storage_problem
 
@@ -48,6 +50,7 @@ WORKER_LOGS = "apache_beam.runners.portability.local_job_service"  # where worke
 REPORT_EVERY_S = 0.5  # a worker's progress messages, at most this often per bundle
 PRINT_EVERY_S = 10.0  # the progress line when the console is not a terminal
 VERBOSE_HELP = "print everything Beam, TensorFlow and the worker processes log"
+NAMESPACE = "mnv4"  # the jobs' Beam counters (`transforms.NAMESPACE`), printed when a job ends
 
 # Notices that are not the user's concern: Beam's optional GCP clients (the `gcp` extra, not
 # needed locally), and what every DirectRunner worker says on start.
@@ -161,7 +164,8 @@ class Console:
     stop = threading.Event()
     ticker = threading.Thread(target=self._tick, args=(progress, stop), daemon=True)
     ticker.start()
-    capture = contextlib.nullcontext() if self.verbose else _Capture()
+    # fds 1 and 2, which the worker processes inherit, into a pipe; the last lines kept.
+    capture = contextlib.nullcontext() if self.verbose else NativeOutput(fds=(1, 2), keep=200)
     try:
       with capture:
         yield
@@ -265,7 +269,6 @@ def _counters(result) -> dict[str, int]:
   if result is None:
     return {}
   from apache_beam.metrics.metric import MetricsFilter
-  from data_prep.transforms import NAMESPACE  # transforms imports files, which imports this
   try:
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
   except (NotImplementedError, AttributeError, KeyError):
@@ -368,42 +371,6 @@ class _Handler(logging.Handler):
     if record.exc_info:
       text += "\n" + logging.Formatter().formatException(record.exc_info)
     return text
-
-
-# ---- the worker processes' own output -----------------------------------------------------------
-
-class _Capture:
-  """Points fds 1 and 2 (which worker processes inherit) at a pipe; keeps the last lines."""
-
-  def __init__(self, keep=200):
-    self.tail = collections.deque(maxlen=keep)
-
-  def __enter__(self):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    self.saved = [os.dup(1), os.dup(2)]
-    read, write = os.pipe()
-    os.dup2(write, 1)
-    os.dup2(write, 2)
-    os.close(write)
-    self.reader = threading.Thread(target=self._read, args=(read,), daemon=True)
-    self.reader.start()
-    return self
-
-  def _read(self, fd):
-    with open(fd, "rb") as pipe:
-      for line in pipe:
-        self.tail.append(line.decode("utf-8", "replace").rstrip("\n"))
-
-  def __exit__(self, *exc):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(self.saved[0], 1)
-    os.dup2(self.saved[1], 2)
-    for fd in self.saved:
-      os.close(fd)
-    self.reader.join(timeout=5)  # ends when the last worker holding the pipe has exited
-    return False
 
 
 # ---- the progress signal ------------------------------------------------------------------------

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import tensorflow as tf
+if __name__ == "__main__":  # the command line: TensorFlow's C++ start-up lines are noise
+  from mnv4_train.cli import quiet_tensorflow  # first: the imports below load TensorFlow
+  quiet_tensorflow()
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 
 def write_digits_folder(root: str, *, size: int = 32, limit: int | None = None,

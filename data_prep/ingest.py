@@ -1,6 +1,6 @@
 """Ingest: an ImageNet-style source -> sharded source TFRecords + manifest.json (data flow step 1).
 
-    python -m data_prep.ingest --images=DIR --out=DIR                 # class_name/*.jpg|png|webp
+    python -m data_prep.ingest --images=DIR --out=DIR     # class_name/*: JPEG PNG GIF BMP WebP
     python -m data_prep.ingest --tfds=imagenet2012 --tfds_data_dir=D --tfds_manual_dir=M --out=DIR
     python -m data_prep.ingest --tfds_dir=PREPARED_DATASET_DIR --split=train --out=DIR
     python -m data_prep.ingest --tfrecords='gs://b/train-*' --out=DIR [--label_offset=-1]
@@ -11,8 +11,9 @@
 
 Each image is validated (decoded once) and stored once, as its original bytes (JPEG, PNG, GIF,
 BMP; WebP as a lossless PNG), in a shard chosen by a stable hash of its id, sorted by id: the
-same inputs give byte-identical shards on any runner. Files that are not decodable images are counted (`mnv4:images_corrupt`) and listed in
-`dead_letter.jsonl`. The manifest holds class names, counts per class, shards and counts.
+same inputs give byte-identical shards on any runner. Files that are not decodable images are
+counted (`mnv4:images_corrupt`) and listed in `dead_letter.jsonl`. The manifest holds class
+names, counts per class, shards and counts.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ import math
 import os
 import sys
 
-import apache_beam as beam
-import tensorflow as tf
-from apache_beam.io import fileio
+if __name__ == "__main__":  # the command line: TensorFlow's C++ start-up lines are noise
+  from mnv4_train.cli import quiet_tensorflow  # first: the imports below load TensorFlow
+  quiet_tensorflow()  # (not with --verbose)
 
-from data_prep import console, fashion_mnist, files, transforms
-from mnv4_train.data import formats, records
-from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, first_line, run_then_exit
+import apache_beam as beam  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from apache_beam.io import fileio  # noqa: E402
+
+from data_prep import console, fashion_mnist, files, transforms  # noqa: E402
+from mnv4_train.data import formats, records  # noqa: E402
+from mnv4_train.errors import (  # noqa: E402
+    ArgumentParser, ConfigError, InputPathError, first_line, run_then_exit)
 
 EXAMPLES_PER_SHARD = 1024
 
@@ -38,7 +44,10 @@ EXAMPLES_PER_SHARD = 1024
 def parse_args(argv):
   parser = ArgumentParser(prog="data_prep.ingest", description=__doc__.split("\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--images", help="image folder laid out class_name/image.(jpg|png)")
+  source.add_argument("--images",
+                      help="image folder laid out class_name/image: JPEG, PNG, GIF, BMP or WebP "
+                      "files, known by their bytes whatever the extension (others are dead "
+                      "letters)")
   source.add_argument("--tfds", help="TFDS dataset name (e.g. imagenet2012), prepared or with "
                       "--tfds_manual_dir")
   source.add_argument("--tfds_dir", help="folder of an already prepared TFDS dataset version")

@@ -23,14 +23,18 @@ import math
 import os
 import sys
 
-import apache_beam as beam
-import numpy as np
-import tensorflow as tf
-from apache_beam.ml.inference.base import RunInference
+if __name__ == "__main__":  # the command line: TensorFlow's C++ start-up lines are noise
+  from mnv4_train.cli import quiet_tensorflow  # first: the imports below load TensorFlow
+  quiet_tensorflow()  # (not with --verbose)
 
-from data_prep import console, files, transforms
-from mnv4_train.data import augment, formats
-from mnv4_train.errors import ArgumentParser, run_then_exit
+import apache_beam as beam  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from apache_beam.ml.inference.base import RunInference  # noqa: E402
+
+from data_prep import console, files, transforms  # noqa: E402
+from mnv4_train.data import augment, formats  # noqa: E402
+from mnv4_train.errors import ArgumentParser, run_then_exit  # noqa: E402
 
 CLASSES_PER_FILE = 64
 

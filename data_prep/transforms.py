@@ -20,13 +20,13 @@ from apache_beam.ml.inference import base as inference_base
 from apache_beam.ml.inference import tensorflow_inference as tf_inference
 from PIL import Image
 
-from data_prep import files
+from data_prep import console, files
 from mnv4_train.data import records
 from mnv4_train.errors import first_line
 from mnv4_train.models import checkpoint
 
 DEAD_LETTER = "dead_letter"
-NAMESPACE = "mnv4"
+NAMESPACE = console.NAMESPACE  # of every job's counters (the console prints them at the end)
 
 
 def stable_hash(text: str) -> int:

@@ -48,16 +48,20 @@ import sys
 import tempfile
 import uuid
 
-import apache_beam as beam
-import numpy as np
-import tensorflow as tf
-from crcmod.predefined import mkPredefinedCrcFun
-from google.protobuf.message import DecodeError
+if __name__ == "__main__":  # the command line: TensorFlow's C++ start-up lines are noise
+  from mnv4_train.cli import quiet_tensorflow  # first: the imports below load TensorFlow
+  quiet_tensorflow()  # (not with --verbose)
 
-from data_prep import console, files, select_d3, transforms
-from mnv4_train.data import augment, formats, records
-from mnv4_train.errors import (ArgumentParser, ConfigError, FormatError, UserError, first_line,
-                               run_then_exit)
+import apache_beam as beam  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from crcmod.predefined import mkPredefinedCrcFun  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+
+from data_prep import console, files, select_d3, transforms  # noqa: E402
+from mnv4_train.data import augment, formats, records  # noqa: E402
+from mnv4_train.errors import (  # noqa: E402
+    ArgumentParser, ConfigError, FormatError, UserError, first_line, run_then_exit)
 
 MANIFEST = formats.MANIFEST
 KINDS = (formats.SourceShards, formats.D3Selection, formats.DistillRecords)

@@ -5,7 +5,7 @@
         [--ssh] [--remote_dir DIR] [--python PY] [--dry_run]
 
 Worker i runs `python -m mnv4_train.main --gin_file=... --workdir=...
---gin_bindings=train.distribution="multiworker"` with
+--gin_bindings=runtime.distribution="multiworker"` with
 `TF_CONFIG={"cluster":{"worker":["h1:2222",...]},"task":{"type":"worker","index":i}}`; worker
 0 is the chief. A host given as `host:port` keeps its own port (two workers on one machine
 need two ports: `--hosts localhost:2222,localhost:2223`).
@@ -70,7 +70,7 @@ def plan(args) -> list[Command]:
   """One command per worker, in worker order."""
   workers = cluster(args.hosts, args.port)
   python = args.python or ("python3" if args.ssh else sys.executable)
-  bindings = gin_bindings_flags({"train.distribution": "multiworker"}, args.gin_bindings, PROG)
+  bindings = gin_bindings_flags({"runtime.distribution": "multiworker"}, args.gin_bindings, PROG)
   commands = []
   for i, worker in enumerate(workers):
     trainer = Command([python, "-m", "mnv4_train.main", f"--gin_file={args.gin_file}",

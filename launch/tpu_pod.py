@@ -17,10 +17,10 @@ Steps, each printed as `$ command` (all of them, and nothing else, with `--dry_r
 How TensorFlow runs on a slice (the Cloud TPU TensorFlow runtimes):
   - one host (v2-8, v3-8, v4-8, v5litepod-8 and smaller; the number after the dash is at most
     8): runtime `tpu-vm-tf-2.20.0-pjrt`; the trainer runs on that host with
-    `train.tpu="local"` and the PJRT device plugin (`TF_PLUGGABLE_DEVICE_LIBRARY_PATH`).
+    `runtime.tpu="local"` and the PJRT device plugin (`TF_PLUGGABLE_DEVICE_LIBRARY_PATH`).
   - several hosts (v4-32, ...): runtime `tpu-vm-tf-2.20.0-pod-pjrt`, which starts a TensorFlow
     server on every host. TensorFlow drives a pod from one client: the trainer runs on worker
-    0 only, with `train.tpu="<name>"` (TPUClusterResolver finds the pod's hosts by name) and
+    0 only, with `runtime.tpu="<name>"` (TPUClusterResolver finds the pod's hosts by name) and
     `TPU_LOAD_LIBRARY=0` (the client leaves the local chips to that host's server). The input
     pipeline is placed on every host's CPU by TPUStrategy; the other hosts get the project
     installed too, so any of them can be logged into and used alike.
@@ -86,11 +86,11 @@ def plan(args) -> dict[str, Command]:
 
   if pod:
     env = {"TPU_LOAD_LIBRARY": "0"}
-    bindings = {"train.distribution": "tpu", "train.tpu": args.name}
+    bindings = {"runtime.distribution": "tpu", "runtime.tpu": args.name}
   else:
     env = {"NEXT_PLUGGABLE_DEVICE_USE_C_API": "true",
            "TF_PLUGGABLE_DEVICE_LIBRARY_PATH": "/lib/libtpu.so"}
-    bindings = {"train.distribution": "tpu", "train.tpu": "local"}
+    bindings = {"runtime.distribution": "tpu", "runtime.tpu": "local"}
   trainer = Command(["python3", "-m", "mnv4_train.main", f"--gin_file={args.gin_file}",
                      f"--workdir={args.workdir}",
                      *gin_bindings_flags(bindings, args.gin_bindings, PROG)], "train", env)

@@ -38,115 +38,23 @@ trainer load. Layout of timm's state dict (timm 1.0): `conv_stem`/`bn1`, `blocks
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
 import tempfile
 import zipfile
 
 from mnv4_train import ownership
+from mnv4_train.cli import quiet_tensorflow
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
-                               first_line, run_then_exit)
+                               run_then_exit)
 from mnv4_train.models import specs as S
+# The pieces both converters use (convert_efficientnet too), also named here as before.
+from mnv4_train.timm_weights import (  # noqa: F401
+    IMAGENET_MEAN, IMAGENET_STD, INPUTS, TIMM_NAMES, TimmWeights, assign, identify_timm, load_bn,
+    load_conv, read_safetensors, read_timm_config)
 
-TIMM_NAMES = {
-    "conv_s": "mobilenetv4_conv_small",
-    "conv_m": "mobilenetv4_conv_medium",
-    "conv_l": "mobilenetv4_conv_large",
-    "hybrid_m": "mobilenetv4_hybrid_medium",
-    "hybrid_l": "mobilenetv4_hybrid_large",
-}
 # The source's settings (timm builds every MNv4 with PyTorch BatchNorm defaults and k//2 padding).
 TIMM_SETTINGS = dict(padding="symmetric", bn_epsilon=1e-5, bn_momentum=0.9)
-# The input normalisation of timm's published MNv4 weights (their pretrained_cfg).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUTS = ("project", "timm")
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(\d+)\.(.+)$")
-_BN = ("weight", "bias", "running_mean", "running_var")
-
-
-class TimmWeights:
-  """A timm state dict (MobileNetV4 or EfficientNet): tensors by name, grouped into blocks,
-  tracking use. `family` and `timm_names` only word the errors."""
-
-  def __init__(self, tensors: dict, source: str, *, family: str = "MobileNetV4",
-               timm_names: str = "mobilenetv4_*"):
-    self.tensors = tensors
-    self.source = source
-    self.family = family
-    self.used: set[str] = set()
-    self.blocks: dict[int, dict[int, set[str]]] = {}
-    for key in tensors:
-      match = _BLOCK_KEY.match(key)
-      if match:
-        self.blocks.setdefault(int(match[1]), {}).setdefault(int(match[2]), set()).add(match[3])
-    if "conv_stem.weight" not in tensors or not self.blocks:
-      sample = ", ".join(sorted(tensors)[:3]) or "no tensors"
-      raise ConfigError(f"{source} is not a timm {family} checkpoint (no conv_stem.weight and "
-                        f"blocks.N.M tensors; it has {sample}, ...); pass the model.safetensors "
-                        f"of a timm {timm_names} model")
-
-  def take(self, key: str):
-    if key not in self.tensors:
-      raise ConfigError(f"{self.source} lacks tensor {key}; it is not a timm {self.family} "
-                        "layout this converter knows")
-    self.used.add(key)
-    return self.tensors[key]
-
-  def shape(self, key: str) -> tuple:
-    return tuple(self.tensors[key].shape)
-
-  def unused(self) -> list[str]:
-    return sorted(k for k in self.tensors
-                  if k not in self.used and not k.endswith("num_batches_tracked"))
-
-
-def read_safetensors(path: str) -> dict:
-  """All tensors of a safetensors file as float32 NumPy arrays (integer counters kept as is)."""
-  import numpy as np
-  if not os.path.isfile(path):
-    raise InputPathError(f"--from_timm {path} does not exist; pass timm's model.safetensors")
-  try:
-    from safetensors.numpy import load_file
-    tensors = load_file(path)
-  except Exception as e:  # noqa: BLE001  a corrupt or foreign file is the user's to fix
-    reason = first_line(e, limit=200)
-    raise InputPathError(f"cannot read {path} as a safetensors file ({reason})") from None
-  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
-          for k, v in tensors.items()}
-
-
-def _timm_block(weights: TimmWeights, stage: int, index: int) -> tuple:
-  """The block signature (see models/checkpoint.py) of timm block `blocks.{stage}.{index}`."""
-  keys = weights.blocks[stage][index]
-  prefix = f"blocks.{stage}.{index}."
-  kernel = lambda k: weights.shape(prefix + k)[2] if k in keys else 0
-  if "attn.query.proj.weight" in keys:
-    key_dim = weights.shape(prefix + "attn.key.proj.weight")[0]
-    heads = weights.shape(prefix + "attn.query.proj.weight")[0] // key_dim
-    return ("MQA", heads, key_dim, "attn.key.down_conv.weight" in keys)
-  if "pw_exp.conv.weight" in keys:
-    return ("UIB", kernel("dw_start.conv.weight"), kernel("dw_mid.conv.weight"))
-  if "conv_exp.weight" in keys:
-    return ("FusedIB", kernel("conv_exp.weight"))
-  if "conv.weight" in keys:
-    return ("ConvBN", kernel("conv.weight"))
-  return ("unknown", tuple(sorted(keys))[:2])
-
-
-def identify_timm(weights: TimmWeights) -> str | None:
-  """The variant whose layout the file holds: stages 0-3 as the tables, stage 4 one 1x1 conv."""
-  from mnv4_train.models.checkpoint import identify_signature
-  stages = sorted(weights.blocks)
-  if stages != list(range(5)) or len(weights.blocks[4]) != 1:
-    return None
-  if _timm_block(weights, 4, 0) != ("ConvBN", 1):
-    return None
-  signature = tuple(tuple(_timm_block(weights, s, i) for i in sorted(weights.blocks[s]))
-                    for s in range(4))
-  return identify_signature(signature)
 
 
 def _out_channels(weights: TimmWeights, spec) -> dict[str, int]:
@@ -164,48 +72,22 @@ def _out_channels(weights: TimmWeights, spec) -> dict[str, int]:
   return filters
 
 
-def _assign(variable, value, key: str, source: str, family: str = "MobileNetV4") -> None:
-  if tuple(variable.shape) != tuple(value.shape):
-    raise ConfigError(f"{source}: tensor {key} has shape {tuple(value.shape)} where our model "
-                      f"expects {tuple(variable.shape)} ({variable.path}); the file's layout "
-                      f"differs from timm's {family}")
-  variable.assign(value)
-
-
-def _conv(layer, weights: TimmWeights, key: str) -> None:
-  import keras
-  w = weights.take(key)
-  # PyTorch (out, in/groups, kh, kw); Keras Conv2D (kh, kw, in, out), depthwise (kh, kw, in, 1).
-  if isinstance(layer, keras.layers.DepthwiseConv2D):
-    value = w.transpose(2, 3, 0, 1)
-  else:
-    value = w.transpose(2, 3, 1, 0)
-  _assign(layer.kernel, value, key, weights.source, weights.family)
-
-
-def _bn(layer, weights: TimmWeights, prefix: str) -> None:
-  for name, variable in zip(_BN, (layer.gamma, layer.beta, layer.moving_mean,
-                                  layer.moving_variance)):
-    _assign(variable, weights.take(f"{prefix}.{name}"), f"{prefix}.{name}", weights.source,
-            weights.family)
-
-
 def _ops(block) -> dict:
   return {op.name: op for op in block.ops_}
 
 
 def _load_mqa(block, weights: TimmWeights, prefix: str) -> None:
-  _bn(block.norm, weights, f"{prefix}.norm")
-  _conv(block.query[-1], weights, f"{prefix}.attn.query.proj.weight")
+  load_bn(block.norm, weights, f"{prefix}.norm")
+  load_conv(block.query[-1], weights, f"{prefix}.attn.query.proj.weight")
   for branch, ops in (("key", block.key), ("value", block.value)):
     named = {op.name: op for op in ops}
     if f"{branch}_dw" in named:
-      _conv(named[f"{branch}_dw"], weights, f"{prefix}.attn.{branch}.down_conv.weight")
-      _bn(named[f"{branch}_dw_bn"], weights, f"{prefix}.attn.{branch}.norm")
-    _conv(named[f"{branch}_proj"], weights, f"{prefix}.attn.{branch}.proj.weight")
-  _conv(block.output_proj, weights, f"{prefix}.attn.output.proj.weight")
+      load_conv(named[f"{branch}_dw"], weights, f"{prefix}.attn.{branch}.down_conv.weight")
+      load_bn(named[f"{branch}_dw_bn"], weights, f"{prefix}.attn.{branch}.norm")
+    load_conv(named[f"{branch}_proj"], weights, f"{prefix}.attn.{branch}.proj.weight")
+  load_conv(block.output_proj, weights, f"{prefix}.attn.output.proj.weight")
   if block.layer_scale is not None:
-    _assign(block.layer_scale.gamma, weights.take(f"{prefix}.layer_scale.gamma"),
+    assign(block.layer_scale.gamma, weights.take(f"{prefix}.layer_scale.gamma"),
             f"{prefix}.layer_scale.gamma", weights.source)
 
 
@@ -216,10 +98,10 @@ def _chain_loader(pairs):
     ops = _ops(block)
     for conv, conv_key, bn, bn_key in pairs:
       if conv in ops:
-        _conv(ops[conv], weights, f"{prefix}.{conv_key}")
-        _bn(ops[bn], weights, f"{prefix}.{bn_key}")
+        load_conv(ops[conv], weights, f"{prefix}.{conv_key}")
+        load_bn(ops[bn], weights, f"{prefix}.{bn_key}")
     if "layer_scale" in ops:
-      _assign(ops["layer_scale"].gamma, weights.take(f"{prefix}.layer_scale.gamma"),
+      assign(ops["layer_scale"].gamma, weights.take(f"{prefix}.layer_scale.gamma"),
               f"{prefix}.layer_scale.gamma", weights.source)
   return load
 
@@ -240,20 +122,6 @@ _TIMM_LOADERS = {
 def _load_block(block, weights: TimmWeights, prefix: str) -> None:
   from mnv4_train.models import layers as L
   _TIMM_LOADERS[type(L.block_spec_of(block))](block, weights, prefix)
-
-
-def read_timm_config(path: str) -> tuple[str, dict]:
-  """(path, contents) of the config.json timm publishes beside `path`; ("", {}) if none."""
-  config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-  if not os.path.isfile(config_path):
-    return "", {}
-  try:
-    with open(config_path) as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise InputPathError(f"{config_path} beside {path} is not readable JSON ({e}); fix or move "
-                         "it") from None
-  return config_path, config if isinstance(config, dict) else {}
 
 
 def _check_config(config_path: str, config: dict, model: str) -> tuple | None:
@@ -307,18 +175,18 @@ def from_timm(path: str, *, model: str, inputs: str = "project"):
   keras_model = models.build(model, num_classes=num_classes, filters=_out_channels(weights, spec),
                              source_normalization=normalization, **TIMM_SETTINGS)
   stem = _ops(keras_model.get_layer("stem"))
-  _conv(stem["conv"], weights, "conv_stem.weight")
-  _bn(stem["bn"], weights, "bn1")
+  load_conv(stem["conv"], weights, "conv_stem.weight")
+  load_bn(stem["bn"], weights, "bn1")
   for s, stage in enumerate(spec.stages):
     for i in range(len(stage)):
       _load_block(keras_model.get_layer(f"stage{s}_block{i}"), weights, f"blocks.{s}.{i}")
   _load_block(keras_model.get_layer("stage4_conv"), weights, "blocks.4.0")
   head = _ops(keras_model.get_layer("head_conv"))
-  _conv(head["conv"], weights, "conv_head.weight")
-  _bn(head["bn"], weights, "norm_head")
+  load_conv(head["conv"], weights, "conv_head.weight")
+  load_bn(head["bn"], weights, "norm_head")
   logits = keras_model.get_layer("logits")
-  _assign(logits.kernel, weights.take("classifier.weight").T, "classifier.weight", path)
-  _assign(logits.bias, weights.take("classifier.bias"), "classifier.bias", path)
+  assign(logits.kernel, weights.take("classifier.weight").T, "classifier.weight", path)
+  assign(logits.bias, weights.take("classifier.bias"), "classifier.bias", path)
   leftover = weights.unused()
   if leftover:
     raise ConfigError(f"{path} has {len(leftover)} tensors our {model} has no place for (e.g. "
@@ -376,6 +244,7 @@ def _convert_efficientnet(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  quiet_tensorflow(False)  # before Keras loads TensorFlow (on use, below)
   parser = ArgumentParser(prog="mnv4_train.convert", description=__doc__.split("\n")[0])
   parser.add_argument("--from_timm", required=True, metavar="SAFETENSORS",
                       help="timm's model.safetensors of a mobilenetv4_* or tf_efficientnet_* "

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mnv4_train import convert as C
+from mnv4_train import timm_weights as W
 from mnv4_train.errors import ConfigError
 
 FAMILY = "EfficientNet (tf_efficientnet_*)"
@@ -125,7 +125,7 @@ def expected_layout(width: float, depth: float) -> Layout:
                 head=round_filters(1280, width))
 
 
-def file_layout(weights: C.TimmWeights) -> Layout | None:
+def file_layout(weights: W.TimmWeights) -> Layout | None:
   """The layout of a timm EfficientNet state dict, or None if it is not one."""
   if len(weights.blocks) != len(_stages()) or "conv_head.weight" not in weights.tensors:
     return None
@@ -144,13 +144,13 @@ def file_layout(weights: C.TimmWeights) -> Layout | None:
                 channels=tuple(channels), head=weights.shape("conv_head.weight")[0])
 
 
-def _identify(weights: C.TimmWeights, path: str, model: str, width: float, depth: float) -> None:
+def _identify(weights: W.TimmWeights, path: str, model: str, width: float, depth: float) -> None:
   """Refuses, in one line naming what the file holds, weights that are not `model`'s."""
   found = file_layout(weights)
   if found is None:
-    mnv4 = C.identify_timm(weights)
+    mnv4 = W.identify_timm(weights)
     if mnv4:
-      raise ConfigError(f"{path} holds timm's {C.TIMM_NAMES[mnv4]} weights, not an "
+      raise ConfigError(f"{path} holds timm's {W.TIMM_NAMES[mnv4]} weights, not an "
                         f"EfficientNet; pass --model {mnv4}")
     raise ConfigError(f"{path}'s block layout is not a timm EfficientNet's (7 stages of "
                       "depthwise + squeeze-excite blocks); pass the model.safetensors of a timm "
@@ -196,16 +196,16 @@ def _normalization_stats(inputs: str, mean, std):
   return np.zeros(3, np.float32), np.full(3, (1 / 255) ** 2, np.float32)
 
 
-def _load(layer, weights: C.TimmWeights, name: str) -> None:
+def _load(layer, weights: W.TimmWeights, name: str) -> None:
   """timm tensor(s) `name` (a conv with optional bias, or a BatchNorm) into a Keras layer."""
   import keras
   if isinstance(layer, keras.layers.BatchNormalization):
-    C._bn(layer, weights, name)  # pylint: disable=protected-access
+    W.load_bn(layer, weights, name)
     return
-  C._conv(layer, weights, f"{name}.weight")  # pylint: disable=protected-access
+  W.load_conv(layer, weights, f"{name}.weight")
   if layer.use_bias:
-    C._assign(layer.bias, weights.take(f"{name}.bias"), f"{name}.bias",  # pylint: disable=protected-access
-              weights.source, weights.family)
+    W.assign(layer.bias, weights.take(f"{name}.bias"), f"{name}.bias", weights.source,
+             weights.family)
 
 
 def from_timm(path: str, *, model: str, inputs: str = "project", resolution: int | None = None,
@@ -226,22 +226,22 @@ def from_timm(path: str, *, model: str, inputs: str = "project", resolution: int
   if model not in VARIANTS:
     raise ConfigError(f"unknown EfficientNet --model {model!r}; choose one of "
                       f"{', '.join(VARIANTS)}")
-  if inputs not in C.INPUTS:
-    raise ConfigError(f"unknown --input {inputs!r}; choose {' or '.join(C.INPUTS)}")
+  if inputs not in W.INPUTS:
+    raise ConfigError(f"unknown --input {inputs!r}; choose {' or '.join(W.INPUTS)}")
   variant = VARIANTS[model]
   width = variant.width if width is None else width
   depth = variant.depth if depth is None else depth
   if width <= 0 or depth <= 0:
     raise ConfigError(f"--width_coefficient {width:g} and --depth_coefficient {depth:g} must be "
                       "positive")
-  weights = C.TimmWeights(C.read_safetensors(path), path, family=FAMILY,
+  weights = W.TimmWeights(W.read_safetensors(path), path, family=FAMILY,
                           timm_names="tf_efficientnet_*")
   _identify(weights, path, model, width, depth)
-  config_path, config = C.read_timm_config(path)
+  config_path, config = W.read_timm_config(path)
   pretrained = _check_config(config_path, config, variant, model)
   mean, std = pretrained.get("mean"), pretrained.get("std")
   if not (mean and std and len(mean) == 3 and len(std) == 3):
-    mean, std = C.IMAGENET_MEAN, C.IMAGENET_STD
+    mean, std = W.IMAGENET_MEAN, W.IMAGENET_STD
   input_size = pretrained.get("input_size") or [variant.resolution]
   resolution = resolution or int(input_size[-1])
   if resolution < 32:
@@ -270,10 +270,9 @@ def from_timm(path: str, *, model: str, inputs: str = "project", resolution: int
   _load(net.get_layer("top_conv"), weights, "conv_head")
   _load(net.get_layer("top_bn"), weights, "bn2")
   predictions = net.get_layer("predictions")
-  C._assign(predictions.kernel, weights.take("classifier.weight").T,  # pylint: disable=protected-access
-            "classifier.weight", path, FAMILY)
-  C._assign(predictions.bias, weights.take("classifier.bias"), "classifier.bias", path,  # pylint: disable=protected-access
-            FAMILY)
+  W.assign(predictions.kernel, weights.take("classifier.weight").T, "classifier.weight", path,
+           FAMILY)
+  W.assign(predictions.bias, weights.take("classifier.bias"), "classifier.bias", path, FAMILY)
   leftover = weights.unused()
   if leftover:
     raise ConfigError(f"{path} has {len(leftover)} tensors the Keras {model} has no place for "

@@ -35,12 +35,12 @@ import subprocess
 import sys
 import time
 
-from mnv4_train import ownership
+from mnv4_train import cli, ownership
 from mnv4_train.errors import (ArgumentParser, InputPathError, UserError, exit_on_user_error,
                                run_then_exit)
 
 PROG = "mnv4_train.demo"
-# The distilled students' default length: fashion_distill.gin's train.train_steps (a test keeps
+# The distilled students' default length: fashion_distill.gin's schedule.train_steps (a test keeps
 # the two equal); the demo always binds it, so --student_steps changes every distilled run.
 DISTILL_STEPS = 2000
 
@@ -194,9 +194,9 @@ def beam_local(workers):
   return [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
 
 _VERBOSE: list[str] = []  # ["--verbose"] with --verbose, for the stages that take it
-# The stages that take --verbose: the Beam jobs (data_prep/console.py) and the trainer.
+# The stages that take --verbose: the Beam jobs (data_prep/console.py), the trainer, the export.
 _VERBOSE_STAGES = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill",
-                   "mnv4_train.main")
+                   "mnv4_train.main", "mnv4_train.export")
 
 
 def _run(stage, argv, workspace=None, key=None, done=None):
@@ -236,9 +236,9 @@ def _train(stage, gin_file, workdir, args, *bindings):
   if _finished_run(workdir):
     _log(f"{stage}: finished before ({workdir}), kept")
     return
-  binds = [f"train.data_root='{args.workspace}'", f"train.resolution={args.resolution}"]
+  binds = [f"data.root='{args.workspace}'", f"student.resolution={args.resolution}"]
   if args.epochs is not None:
-    binds.append(f"train.epochs={args.epochs}")
+    binds.append(f"schedule.epochs={args.epochs}")
   _run(stage, ["mnv4_train.main", f"--gin_file={gin_file}", f"--workdir={workdir}"]
        + [f"--gin_bindings={b}" for b in binds + list(bindings)],
        args.workspace, os.path.basename(workdir), done=lambda: _finished_run(workdir))
@@ -477,8 +477,8 @@ def _distill_student(args, name):
   workdir = os.path.join(runs, "student_" + name.replace("+", "_") + _steps_suffix(args))
   stage = "7/9 student" if name == MAIN_MIXTURE else "ablation"
   _train(f"{stage} ({name})", "fashion_distill.gin", workdir, args,
-         f"train.datasets={datasets!r}", f"train.weights={weights!r}",
-         f"train.train_steps={args.student_steps}")
+         f"data.datasets={datasets!r}", f"data.weights={weights!r}",
+         f"schedule.train_steps={args.student_steps}")
   return workdir
 
 
@@ -486,7 +486,7 @@ def _labels_control(args):
   """The label-only student trained as long as the distilled ones: is it the schedule?"""
   workdir = os.path.join(args.workspace, "runs", f"student_labels_s{args.student_steps}")
   _train(f"ablation ({LABELS_CONTROL})", "fashion_student.gin", workdir, args,
-         f"train.train_steps={args.student_steps}")
+         f"schedule.train_steps={args.student_steps}")
   return workdir
 
 
@@ -680,6 +680,9 @@ def plot_ablation(table8, teacher, labels_only, ws):
 
 
 def main(argv=None):
+  # Before TensorFlow loads here (the report's measurements); the stages inherit it, and each
+  # quiets itself too (with --verbose, neither: the stages get --verbose).
+  cli.quiet_tensorflow(cli.wants_verbose(argv))
   with exit_on_user_error(PROG):
     try:
       run(argv)

@@ -29,7 +29,15 @@ leaves nothing behind): the SavedModel and the float32 TFLite model against the 
 max abs difference. Without `--representative` the float checks use fixed random inputs.
 
 Outputs are written to a temporary folder inside `--out` and renamed into place when all
-conversions and checks are done, so a file that exists is complete.
+conversions and checks are done, so a file that exists is complete. `--checkpoint`,
+`--representative` and `--out` may be `gs://` paths (through `tf.io.gfile`): for a bucket
+`--out` the conversions run in a local temporary folder and the checked files are copied up,
+`export_report.json` last (a bucket export is finished when it has its report; its claim file
+is the weaker one `mnv4_train.ownership` describes for buckets).
+
+The converter and the LiteRT interpreter log from C++ ("Created TensorFlow Lite XNNPACK
+delegate", "Ignored output_format", ...); the command line keeps those off the console and
+passes through what looks like an error (`--verbose` shows everything).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import sys
 import tempfile
 from typing import Iterable, Sequence
 
-from mnv4_train import ownership
+from mnv4_train import cli, ownership
 from mnv4_train.errors import (ArgumentParser, ConfigError, InputPathError, exit_on_user_error,
                                first_line, run_then_exit)
 
@@ -68,6 +76,55 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Paths: local ones through `os` (renames are atomic there), `gs://` ones through tf.io.gfile
+
+
+def _gfile():
+  import tensorflow as tf
+  return tf.io.gfile
+
+
+def _exists(path: str) -> bool:
+  return _gfile().exists(path) if ownership.is_url(path) else os.path.exists(path)
+
+
+def _isdir(path: str) -> bool:
+  return _gfile().isdir(path) if ownership.is_url(path) else os.path.isdir(path)
+
+
+def _isfile(path: str) -> bool:
+  if ownership.is_url(path):
+    return _gfile().exists(path) and not _gfile().isdir(path)
+  return os.path.isfile(path)
+
+
+def _listdir(path: str) -> list[str]:
+  if ownership.is_url(path):
+    return [name.rstrip("/") for name in _gfile().listdir(path)]
+  return os.listdir(path)
+
+
+def _walk(folder: str):
+  return _gfile().walk(folder) if ownership.is_url(folder) else os.walk(folder)
+
+
+def _upload(src: str, dst: str) -> None:
+  """Copies a local file or folder `src` to the bucket path `dst`, replacing what is there."""
+  gfile = _gfile()
+  if gfile.isdir(dst):
+    gfile.rmtree(dst)
+  if not os.path.isdir(src):
+    gfile.copy(src, dst, overwrite=True)
+    return
+  for folder, _, names in os.walk(src):
+    rel = os.path.relpath(folder, src)
+    target = dst if rel == "." else f"{dst.rstrip('/')}/{rel}"
+    gfile.makedirs(target)
+    for name in names:
+      gfile.copy(os.path.join(folder, name), f"{target}/{name}", overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Representative images
 
 
@@ -81,7 +138,7 @@ def _decode(encoded, resolution: int):
 
 def _folder_images(folder: str) -> list[str]:
   import numpy as np
-  files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+  files = sorted(os.path.join(root, name) for root, _, names in _walk(folder)
                  for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
   if not files:
     raise InputPathError(f"--representative {folder} has no .jpg/.png images; lay it out as "
@@ -93,7 +150,7 @@ def _folder_images(folder: str) -> list[str]:
 def representative_dataset(source: str, *, resolution: int):
   """A tf.data.Dataset of single images in [-1, 1] from an image folder or a TFRecord glob."""
   import tensorflow as tf
-  if os.path.isdir(source):
+  if _isdir(source):
     files = tf.data.Dataset.from_tensor_slices(_folder_images(source))
     return files.map(lambda path: _decode(tf.io.read_file(path), resolution))
   shards = sorted(tf.io.gfile.glob(source))
@@ -234,52 +291,62 @@ def check_out(out: str, overwrite: bool, inputs: dict) -> None:
   """Refuses an `--out` this command must not write: one that overlaps an input, a file, or a
   non-empty folder that is not a finished export (a finished one only with `overwrite`)."""
   ownership.check_overlap(out, inputs)
-  if not os.path.exists(out):
+  if not _exists(out):
     return
-  if not os.path.isdir(out):
+  if not _isdir(out):
     raise InputPathError(f"--out {out} is a file; give a folder")
-  if os.path.isfile(os.path.join(out, REPORT)):
+  if _isfile(os.path.join(out, REPORT)):
     if not overwrite:
       raise ConfigError(f"--out {out} already holds a finished export; pass --overwrite to "
                         "replace it or choose another --out")
     return
-  if any(not _ours(name) for name in os.listdir(out)):
+  if any(not _ours(name) for name in _listdir(out)):
     raise InputPathError(f"--out {out} exists and is not a finished export (no {REPORT}); it "
                          "is never replaced: choose another --out or move it away")
 
 
 def _clear_staging(out):
-  for name in os.listdir(out):
+  for name in _listdir(out):
     if name.startswith(_STAGING_PREFIXES):
-      shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+      path = os.path.join(out, name)
+      if ownership.is_url(out):
+        _gfile().rmtree(path)
+      else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def export(*, model_name: str, checkpoint: str, out: str, formats: Sequence[str],
            resolution: int | None = None, representative: str | None = None,
            num_calibration: int = 100, num_check: int = 100, num_threads: int = 2,
-           overwrite: bool = False, log=print) -> dict:
+           overwrite: bool = False, log=print, quiet: bool = False) -> dict:
   """Exports `checkpoint` in `formats` under `out`; returns the report (also export_report.json).
 
   Only a finished export is replaced (with `overwrite`), one export writes an `out` at a time
-  (its claim file, `mnv4_train.ownership`), and a full disk is one line.
+  (its claim file, `mnv4_train.ownership`), and a full disk is one line. `quiet` keeps the
+  converter's and the interpreter's native log lines off stderr, but for errors (the command
+  line's default).
   """
   if "tflite_int8" in formats and not representative:
     raise ConfigError("int8 export needs --representative (a folder of class/xxx.jpg images or "
                       "a glob of TFRecord source shards) to calibrate on")
   check_out(out, overwrite, {"--checkpoint": checkpoint, "--representative": representative})
-  made = not os.path.exists(out)
+  made = not _exists(out)
+  remote = ownership.is_url(out)
   try:
-    os.makedirs(out, exist_ok=True)
+    if remote:
+      _gfile().makedirs(out)
+    else:
+      os.makedirs(out, exist_ok=True)
     claim = ownership.claim(out, "--out", on_stale=lambda _: _clear_staging(out))
-  except OSError as e:
+  except _storage_errors(remote) as e:
     raise ownership.storage_problem(e, out) or InputPathError(
-        f"cannot create --out {out}: {e.strerror or e}; check the path and its "
-        "permissions") from None
+        f"cannot create --out {out}: {getattr(e, 'strerror', None) or first_line(e)}; check the "
+        "path and its permissions") from None
   try:
     return _export(model_name=model_name, checkpoint=checkpoint, out=out, formats=formats,
                    resolution=resolution, representative=representative,
                    num_calibration=num_calibration, num_check=num_check,
-                   num_threads=num_threads, log=log)
+                   num_threads=num_threads, log=log, quiet=quiet)
   except BaseException as e:
     problem = ownership.storage_problem(e, out)
     if problem is not None:
@@ -287,12 +354,23 @@ def export(*, model_name: str, checkpoint: str, out: str, formats: Sequence[str]
     raise
   finally:
     claim.release()
-    if made and not os.listdir(out):
-      os.rmdir(out)  # ours, and nothing was exported into it
+    if made and not _listdir(out):  # ours, and nothing was exported into it
+      if remote:
+        _gfile().rmtree(out)
+      else:
+        os.rmdir(out)
+
+
+def _storage_errors(remote: bool) -> tuple:
+  """What a failed write raises: OSError locally, TensorFlow's OpError for a bucket too."""
+  if not remote:
+    return (OSError,)
+  import tensorflow as tf
+  return (OSError, tf.errors.OpError)
 
 
 def _export(*, model_name, checkpoint, out, formats, resolution, representative,
-            num_calibration, num_check, num_threads, log) -> dict:
+            num_calibration, num_check, num_threads, log, quiet=False) -> dict:
   import numpy as np
 
   from mnv4_train.models.checkpoint import load_checkpoint
@@ -311,8 +389,16 @@ def _export(*, model_name, checkpoint, out, formats, resolution, representative,
       -1, 1, (NUM_RANDOM_CHECK_IMAGES, res, res, 3)).astype("float32")
   reference = np.asarray(model.predict(check_images, batch_size=32, verbose=0), "float32")
 
-  staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=out)
-  report = {"model": model_name, "checkpoint": os.path.abspath(checkpoint), "resolution": res,
+  remote = ownership.is_url(out)
+  # Inside a local --out, so that finished files are renamed into place; for a bucket, a local
+  # temporary folder whose checked files are copied up.
+  staging = tempfile.mkdtemp(prefix=".tmp-export-", dir=None if remote else out)
+
+  def native():  # around the converter and LiteRT, which log from C++
+    return cli.chatter_filter(verbose=not quiet)
+
+  shown = checkpoint if ownership.is_url(checkpoint) else os.path.abspath(checkpoint)
+  report = {"model": model_name, "checkpoint": shown, "resolution": res,
             "input": "float32 NHWC in [-1, 1] (pixel / 127.5 - 1)", "output": "logits",
             "check_images": "held-out representative" if held_out is not None else "random",
             "formats": {}}
@@ -333,11 +419,13 @@ def _export(*, model_name, checkpoint, out, formats, resolution, representative,
       write_saved_model(model, batch1, resolution=res, batch=1)
       for fmt in tflite_formats:
         log(f"converting {fmt} ...")
-        content = tflite_model(batch1, fmt, representative=calibration)
+        with native():
+          content = tflite_model(batch1, fmt, representative=calibration)
         path = os.path.join(staging, TFLITE_FILES[fmt])
         with open(path, "wb") as f:
           f.write(content)
-        outputs = run_tflite(content, check_images, num_threads=num_threads)
+        with native():
+          outputs = run_tflite(content, check_images, num_threads=num_threads)
         report["formats"][fmt] = {"check": compare(outputs, reference)}
         if fmt == "tflite_int8":
           report["formats"][fmt]["calibration_images"] = int(len(calibration))
@@ -348,19 +436,27 @@ def _export(*, model_name, checkpoint, out, formats, resolution, representative,
         log(f"export check failed: {fmt} differs from the Keras model by "
             f"{check['max_abs_diff']:.3g}; nothing written")
         raise SystemExit(1)
+    report_path = os.path.join(out, REPORT)
+    if remote and _gfile().exists(report_path):
+      _gfile().remove(report_path)  # copies are not renames: unfinished until the new report
     for fmt, path in staged.items():
       final = os.path.join(out, os.path.basename(path))
+      report["formats"][fmt]["path"] = final
+      report["formats"][fmt]["megabytes"] = round(_size(path) / 2**20, 3)
+      if remote:
+        _upload(path, final)
+        continue
       if os.path.isdir(final):
         old = tempfile.mkdtemp(prefix=".tmp-old-", dir=out)
         os.replace(final, os.path.join(old, "x"))
         shutil.rmtree(old)
       os.replace(path, final)
-      report["formats"][fmt]["path"] = final
-      report["formats"][fmt]["megabytes"] = round(_size(final) / 2**20, 3)
-    report_path = os.path.join(out, REPORT)
     with open(os.path.join(staging, REPORT), "w") as f:
       json.dump(report, f, indent=2)
-    os.replace(os.path.join(staging, REPORT), report_path)
+    if remote:
+      _upload(os.path.join(staging, REPORT), report_path)
+    else:
+      os.replace(os.path.join(staging, REPORT), report_path)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return report
@@ -403,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--num_threads", type=int, default=2, help="interpreter threads")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace a finished export in --out (nothing else is ever replaced)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="print everything TensorFlow, its converter and LiteRT log")
   args = parser.parse_args(argv)
+  cli.quiet_tensorflow(args.verbose)  # before anything loads TensorFlow
   with exit_on_user_error(parser.prog):
     formats = parse_formats(args.format)
     for flag in ("resolution", "num_calibration", "num_check", "num_threads"):
@@ -415,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                     formats=formats, resolution=args.resolution,
                     representative=args.representative, num_calibration=args.num_calibration,
                     num_check=args.num_check, num_threads=args.num_threads,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, quiet=not args.verbose)
     print(format_report(report))
   return 0
 

@@ -20,11 +20,11 @@ from keras import ops
 
 
 def topk_to_dense(indices, values, num_classes: int):
-  """Top-k teacher logits -> [batch, num_classes] logits with -inf for the missing classes."""
-  one_hot = ops.one_hot(ops.cast(indices, "int32"), num_classes)          # [b, k, c]
-  dense = ops.sum(one_hot * ops.expand_dims(ops.cast(values, "float32"), -1), axis=1)
-  present = ops.sum(one_hot, axis=1) > 0
-  return ops.where(present, dense, float("-inf"))
+  """Top-k teacher logits -> [..., num_classes] logits with -inf for the missing classes: the
+  record format's `mnv4_train.data.records.topk_to_dense` (TensorFlow; the input pipeline
+  densifies top-k records with it), imported on use so that this module stays backend-free."""
+  from mnv4_train.data import records  # pylint: disable=import-outside-toplevel
+  return records.topk_to_dense(indices, values, num_classes)
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float = 1.0):

@@ -1,9 +1,11 @@
 """Training entry point: `python -m mnv4_train.main --gin_file=conv_l_distill.gin --workdir=DIR`.
 
 Gin files are found by name in `gin_configs/` (or given as paths); `--gin_bindings` override
-them, e.g. `--gin_bindings="train.distribution='tpu'"`. Everything a run needs is an argument of
-`mnv4_train.train.train`; the workdir is the only flag it takes from here (it is not a gin
-binding, so nothing binds it twice). A run in a workdir that holds checkpoints resumes.
+them, e.g. `--gin_bindings="runtime.distribution='tpu'"`. Everything a run needs is a setting of
+one of `mnv4_train.train`'s groups (`GROUPS`: data, augment, student, loss, schedule,
+optimizer, cadence, runtime); the workdir is the only flag it takes from here (it is not a gin
+binding, so nothing binds it twice). A run in a workdir that holds checkpoints resumes. An old
+flat `train.X` binding stops with one line naming its new name (`mnv4_train.train.RENAMED`).
 
 The console shows what a user wants by default: a start line (model, data, steps), a progress
 line per log interval (step/total, loss, examples/s, ETA), evaluations, warnings, errors and a
@@ -22,12 +24,13 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-import mnv4_train
+from mnv4_train.cli import quiet_tensorflow
 from mnv4_train.errors import (ConfigError, Preempted, exit_on_user_error, first_line,
                                run_then_exit)
 
@@ -47,7 +50,7 @@ GIN_DIR = _gin_dir()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "gin file: a name in gin_configs/ or a path")
-flags.DEFINE_multi_string("gin_bindings", [], "gin binding, e.g. \"train.train_steps=100\"")
+flags.DEFINE_multi_string("gin_bindings", [], "gin binding, e.g. \"schedule.train_steps=100\"")
 flags.DEFINE_string("workdir", None, "run folder (local or gs://); resumes if it holds a run")
 flags.DEFINE_bool("verbose", False, "also print the libraries' INFO logs (TensorFlow, absl)")
 
@@ -71,9 +74,10 @@ def resolve_gin_file(name: str) -> str:
 
 
 def parse_gin(gin_files, bindings):
-  """Parses the files and bindings; a bad one is a ConfigError naming it."""
+  """Parses the files and bindings; a bad one is a ConfigError naming it (an old flat
+  `train.X` binding one naming the new names)."""
   import gin  # pylint: disable=import-outside-toplevel
-  from mnv4_train import train  # noqa: F401  registers the configurable  # pylint: disable=import-outside-toplevel,unused-import
+  from mnv4_train import train  # noqa: F401  registers the configurables  # pylint: disable=import-outside-toplevel,unused-import
   paths = [resolve_gin_file(f) for f in gin_files]
   gin.add_config_file_search_path(GIN_DIR)
   for path in paths:
@@ -82,17 +86,44 @@ def parse_gin(gin_files, bindings):
     try:
       gin.parse_config_file(path)
     except Exception as e:  # gin raises several types for a bad file
-      raise ConfigError(f"gin file {path}: {first_line(e)}") from None
+      where = _IN_FILE.findall(str(e))  # the includes gin was in, innermost first
+      path = where[0] if where else path
+      raise ConfigError(f"gin file {path}: {_renamed(e, path=path) or first_line(e)}") from None
   for binding in bindings:
     try:
       gin.parse_config(binding)
     except Exception as e:
+      old = _renamed(e, text="\n".join(bindings))
+      if old:
+        raise ConfigError(f"--gin_bindings: {old}") from None
       raise ConfigError(f"bad gin binding {binding!r}: {first_line(e)}; bindings look like "
-                        "\"train.train_steps=100\"") from None
+                        "\"schedule.train_steps=100\"") from None
   try:
     gin.finalize()
   except ValueError as e:  # a %gin.REQUIRED left unset
     raise ConfigError(f"{first_line(e)}; set it with --gin_bindings") from None
+
+
+_OLD_BINDING = re.compile(r"^\s*train\.(\w+)\s*=", re.MULTILINE)
+_IN_FILE = re.compile(r'In file "([^"]+)", line \d+')
+
+
+def _renamed(error, *, text=None, path=None) -> str | None:
+  """For gin's error on an old flat `train.X` binding, one line naming the new binding of each
+  one in `text` (or the file at `path`); None for any other error."""
+  from mnv4_train import train  # pylint: disable=import-outside-toplevel
+  if not str(error).startswith("No configurable matching 'train'"):
+    return None
+  if path is not None:
+    try:
+      with open(path) as f:
+        text = f.read()
+    except OSError:
+      text = str(error)
+  names = _OLD_BINDING.findall(text or "")
+  if not names:
+    return None
+  return train.renamed(names)
 
 
 class _GinProbeFilter(logging.Filter):
@@ -115,8 +146,6 @@ def configure_logging(verbose: bool) -> None:
   if verbose:
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger().setLevel(logging.INFO)
-    if mnv4_train.TF_LOG_LEVEL_DEFAULTED:  # TensorFlow is not loaded yet: its C++ INFO too
-      os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
     return
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
@@ -138,13 +167,26 @@ def run(gin_files, bindings, workdir) -> dict:
   except RuntimeError as e:
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"{first_line(e)}; add them to the gin file or --gin_bindings") from None
+    _raise_if_storage_problem(e, workdir)
     raise
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_storage_problem(e, workdir)  # a full disk anywhere in the run's writes
+    raise
+
+
+def _raise_if_storage_problem(error, workdir):
+  """A full disk or quota becomes one line (StorageError); anything else is left as it is."""
+  from mnv4_train import ownership  # pylint: disable=import-outside-toplevel
+  problem = ownership.storage_problem(error, workdir)
+  if problem is not None:
+    raise problem from None
 
 
 def main(argv):
   if len(argv) > 1:
     print(f"{PROG}: error: unexpected arguments {argv[1:]} (see --help)", file=sys.stderr)
     sys.exit(2)
+  quiet_tensorflow(FLAGS.verbose)  # TensorFlow is not loaded yet (`run` imports it)
   configure_logging(FLAGS.verbose)
   with exit_on_user_error(PROG):
     try:

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from typing import Callable, Sequence
 
+from mnv4_train.cli import quiet_tensorflow
 from mnv4_train.errors import ArgumentParser, ConfigError, InputPathError, exit_on_user_error, run_then_exit
 
 RIDGE_POINTS = tuple(range(0, 501, 5))  # MACs per byte, the paper's sweep
@@ -280,6 +281,7 @@ def format_table(results: dict, points: Sequence[float] = REPORT_POINTS) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  quiet_tensorflow(False)  # before the models (Keras) load TensorFlow
   parser = ArgumentParser(prog="mnv4_train.roofline", description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True, help="folder for roofline.png and the CSVs")
   parser.add_argument("--models", default=",".join(model_names()),

@@ -1,12 +1,14 @@
 """The training loop: a student learns from teacher logits (or labels) on one CPU or a pod.
 
-`train` is the one gin-configurable entry point (`mnv4_train.main` parses the gin files and
-calls it). It reads top-down: plan the run from the settings (`plan_run`), build the student,
-optimizer and input (`build`), restore the last checkpoint, run the loop (`run_loop`) and
-finish (final evaluation, export, metrics). The parts live in `mnv4_train.training`: the
-strategy, the compiled steps (`Trainer`), statistics as named sums, the cadence, the
-checkpointer (student + optimizer + each host's input iterator, so a resumed run continues at
-the same step with the same data), the metric writer and the stop signals.
+`train` is the entry point (`mnv4_train.main` parses the gin files and calls it). Its settings
+have one home, the groups below (`GROUPS`: data, augment, student, loss, schedule, optimizer,
+cadence, runtime), each a gin configurable made from its bindings, e.g.
+`schedule.train_steps = 100`. It reads top-down: plan the run from the settings (`plan_run`),
+build the student, optimizer and input (`build`), restore the last checkpoint, run the loop
+(`run_loop`) and finish (final evaluation, export, metrics). The parts live in
+`mnv4_train.training`: the strategy, the compiled steps (`Trainer`), statistics as named sums,
+the cadence, the checkpointer (student + optimizer + each host's input iterator, so a resumed
+run continues at the same step with the same data), the metric writer and the stop signals.
 
 SIGTERM (a preemption) or SIGINT (Ctrl-C) stops the run after the step it is in, every worker
 at the same step (`mnv4_train.training.preemption`): it saves a checkpoint there and raises
@@ -55,7 +57,9 @@ from mnv4_train.training.preemption import StopSignals
 from mnv4_train.training.strategy import DISTRIBUTIONS, host_info, make_strategy
 from mnv4_train.training.trainer import EMASwap, Trainer
 
-__all__ = ["train", "make_strategy", "host_info", "plot_curves", "read_jsonl", "Trainer",
+__all__ = ["train", "Config", "GROUPS", "RENAMED", "DataConfig", "AugmentConfig",
+           "StudentConfig", "LossConfig", "ScheduleConfig", "OptimizerConfig", "CadenceConfig",
+           "RuntimeConfig", "make_strategy", "host_info", "plot_curves", "read_jsonl", "Trainer",
            "TrainingDiverged", "DISTRIBUTIONS", "TEACHERS"]
 
 TEACHERS = ("records", "online", "none")
@@ -67,79 +71,237 @@ class TrainingDiverged(UserError):
   """The loss became NaN or infinite."""
 
 
+# ---- the settings ----------------------------------------------------------------------------
+# One home: each group is a frozen dataclass that gin makes from its bindings (`data.datasets =
+# {...}`, `schedule.train_steps = 100`), each setting documented once, where it is declared.
+# `GROUPS` holds them in order; `RENAMED` maps the flat `train.X` names of before to them.
+
+GROUPS = {}  # gin name -> group class, in `Config`'s order
+
+
+def _group(name: str):
+  """Registers the class as the frozen dataclass and gin configurable `name`."""
+  def register(cls):
+    cls = gin.configurable(name)(dataclasses.dataclass(frozen=True)(cls))
+    GROUPS[name] = cls
+    return cls
+  return register
+
+
+def _formerly(old: str, default):
+  """A setting whose flat name before the groups was `train.<old>` (`RENAMED`)."""
+  return dataclasses.field(default=default, metadata={"formerly": old})
+
+
+@_group("data")
+class DataConfig:
+  """What the student reads: the training datasets and their mixture, the held-out set, and
+  how the input is read."""
+  # name -> folder: distillation records (`data_prep.distill`, replayed as recorded) or source
+  # shards (`data_prep.ingest`, augmented online as `augment` says).
+  datasets: dict = gin.REQUIRED
+  # The mixture: weights by dataset name (default: equal), or
+  weights: dict | None = None
+  # [(start_step, {name: weight}), ...], the weights from each start step on (instead of
+  # `weights`, not with them).
+  weight_schedule: list | None = None
+  # A folder (or bucket path) that relative `datasets` and `eval_data` paths are in.
+  root: str | None = _formerly("data_root", None)
+  # Held-out source shards for top-1/top-5 (evaluated every `cadence.eval_every` steps and at
+  # the end), center-cropped to `eval_crop` of the image, `eval_batch_size` at a time.
+  eval_data: str | None = None
+  eval_crop: float = 0.875
+  eval_batch_size: int = 256
+  # A fresh random order of each data file's records every epoch.
+  shuffle: bool = True
+  # Data files read at once (interleaved one element each).
+  cycle_length: int = 16
+  # How hosts split the input: "files" (each host its own share of every dataset's files),
+  # "data" (every host reads all of them and keeps its share of the batches) or "auto" (files
+  # when every dataset has a file per host).
+  shard_policy: str = "auto"
+  # tf.data's deterministic order (a seeded run repeats).
+  deterministic: bool = True
+  # Hold the run's datasets in memory as pixels (source images decoded whole, at most a flip;
+  # distillation records replayed once) and gather whole batches, as `fit` on arrays does;
+  # small data only (`pipeline.memory_cache_problem`). Its order (and a source recipe's
+  # flips) are its own, not the streaming input's.
+  memory_cache: bool = False
+
+
+@_group("augment")
+class AugmentConfig:
+  """The online augmentation of source-shard datasets; distillation records are replayed as
+  recorded, so nothing here changes them. The supervised recipes set these together (their
+  yamls' RandAugment and mixup_and_cutmix blocks); a distillation recipe never does."""
+  # An inception crop of at least this fraction of the image's area (1.0: the whole image).
+  crop_area_min: float = 0.08
+  # A random horizontal flip.
+  flip: bool = True
+  # RandAugment as the Model Garden's `RandAugment`: `layers` ops per image (num_layers; 0:
+  # none) at `magnitude`, `translate_const` and `cutout_const` in pixels at any resolution (as
+  # it applies them), each op applied with `prob_to_apply` (None: always), `exclude_ops` never
+  # drawn (e.g. ['Cutout']). Defaults: its `common.RandAugment` config's.
+  layers: int = _formerly("augment_layers", 2)
+  magnitude: float = _formerly("augment_magnitude", 9.0)
+  translate_const: float = _formerly("augment_translate_const", 10.0)
+  cutout_const: float = _formerly("augment_cutout_const", 40.0)
+  prob_to_apply: float | None = _formerly("augment_prob_to_apply", None)
+  exclude_ops: tuple = _formerly("augment_exclude_ops", ())
+  # Batch mixup / cutmix, the Model Garden's `MixupAndCutmix` (alpha, cutmix_alpha, prob,
+  # switch_prob, label_smoothing) on each batch, off while both alphas are 0; its soft labels
+  # take the label term's place, so label-only runs only (`loss.teacher` "none").
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mix_prob: float = 1.0
+  mix_switch_prob: float = 0.5
+  mix_label_smoothing: float = 0.1
+
+
+@_group("student")
+class StudentConfig:
+  """The model that learns."""
+  # The MNv4 variant (`models.MODEL_NAMES`), e.g. "conv_s".
+  model: str = gin.REQUIRED
+  # Keyword arguments of `models.build`: width, dropout, drop_path_rate, bn_momentum, ...
+  options: dict | None = _formerly("model_options", None)
+  # Classes (default: the data's).
+  num_classes: int | None = None
+  # Input size (default: the records' resolution, else the variant's canonical one).
+  resolution: int | None = None
+
+
+@_group("loss")
+class LossConfig:
+  """What the student learns from: the teacher and the loss terms (`mnv4_train.kd`)."""
+  # "records" (the logits stored with the distillation records), "online" (`teacher_model`
+  # runs on each batch) or "none" (labels only: set `label_weight`).
+  teacher: str = "records"
+  # The online teacher, a `.keras` file.
+  teacher_model: str | None = None
+  # The distillation term: KL(teacher || student) at `temperature`, times `distill_weight`.
+  temperature: float = 1.0
+  distill_weight: float = 1.0
+  # The label term: cross-entropy with `label_smoothing`, times `label_weight`.
+  label_weight: float = 0.0
+  label_smoothing: float = 0.0
+
+
+@_group("schedule")
+class ScheduleConfig:
+  """The run's length and its learning rate: linear warmup, then cosine decay."""
+  # Images per step, over all replicas and hosts.
+  global_batch_size: int = 256
+  # The length: `epochs`, or `train_steps` (which wins when both are set). An epoch is
+  # `examples_per_epoch` images (default: one pass over the first dataset's source images).
+  epochs: float | None = None
+  train_steps: int | None = None
+  examples_per_epoch: int | None = None
+  # The peak learning rate, reached after the warmup.
+  learning_rate: float = 0.004
+  # The warmup in steps, or in epochs (converted as `epochs` is; when set it replaces
+  # `warmup_steps`).
+  warmup_steps: int = 1560
+  warmup_epochs: float | None = None
+  # Where the cosine decay ends.
+  end_learning_rate: float = 0.0
+
+
+@_group("optimizer")
+class OptimizerConfig:
+  """AdamW (decoupled weight decay on kernels only: not on norms, biases or layer scales), an
+  optional extra L2 loss and a weight EMA."""
+  # AdamW's decoupled weight decay, its moment decays and its epsilon.
+  weight_decay: float = 0.1
+  beta_1: float = 0.9
+  beta_2: float = 0.999
+  epsilon: float = 1e-7
+  # Clip the gradients' global norm to this (None: no clipping).
+  clipnorm: float | None = None
+  # An extra 0.5 * l2 * |w|^2 loss on kernels, not depthwise ones (the Model Garden's Conv-S).
+  l2_regularization: float = 0.0
+  # Keep an exponential moving average of the weights with this decay (evaluated and
+  # exported; None: none).
+  ema_decay: float | None = None
+  # The average follows the weights exactly until this optimizer step, and averages from there
+  # on (the Model Garden's `ExponentialMovingAverage(start_step=...)`); None: at the end of the
+  # warmup, as its MNv4 recipes set it.
+  ema_start_step: int | None = None
+
+
+@_group("cadence")
+class CadenceConfig:
+  """When the run logs, checkpoints, evaluates and stops (`mnv4_train.training.cadence`)."""
+  # Steps per compiled loop (one host round trip).
+  steps_per_loop: int = 100
+  # Steps between history.jsonl lines, checkpoints and evaluations (None: only the final one).
+  log_every: int = 100
+  checkpoint_every: int = 1000
+  eval_every: int | None = None
+  # Checkpoints kept.
+  keep_checkpoints: int = 3
+  # Stop (checkpointed) after this many steps of this invocation, as a preemption would; the
+  # schedule still spans the whole run.
+  stop_after_steps: int | None = None
+
+
+@_group("runtime")
+class RuntimeConfig:
+  """Where and how the steps run: devices, precision, seeds."""
+  # "cpu", "gpu", "multiworker" or "tpu"; `tpu` and `cpu_replicas`: see `make_strategy`.
+  distribution: str = "cpu"
+  tpu: str = "local"
+  cpu_replicas: int = 1
+  # None, "mixed_bfloat16", "mixed_float16" or "auto" (bf16 on TPU, float16 on GPU, float32
+  # on CPU).
+  mixed_precision: str | None = "auto"
+  # Seeds the student's initial weights, the input's order and the online augmentation.
+  seed: int = 0
+  # TensorFlow's deterministic kernels (bit-equal reruns; slower).
+  op_determinism: bool = False
+
+
 @dataclasses.dataclass(frozen=True)
-class Settings:
-  """The arguments of `train`, as given (see its docstring); one field per argument."""
+class Config:
+  """One run's settings: its workdir and one instance of each group (`GROUPS`, this order)."""
   workdir: str
-  model: str
-  datasets: dict
-  weights: dict | None
-  weight_schedule: list | None
-  eval_data: str | None
-  data_root: str | None
-  model_options: dict | None
-  num_classes: int | None
-  resolution: int | None
-  teacher: str
-  teacher_model: str | None
-  temperature: float
-  distill_weight: float
-  label_weight: float
-  label_smoothing: float
-  augment_layers: int
-  augment_magnitude: float
-  augment_translate_const: float
-  augment_cutout_const: float
-  augment_prob_to_apply: float | None
-  augment_exclude_ops: tuple
-  mixup_alpha: float
-  cutmix_alpha: float
-  mix_prob: float
-  mix_switch_prob: float
-  mix_label_smoothing: float
-  crop_area_min: float
-  flip: bool
-  global_batch_size: int
-  epochs: float | None
-  train_steps: int | None
-  examples_per_epoch: int | None
-  learning_rate: float
-  warmup_steps: int
-  warmup_epochs: float | None
-  end_learning_rate: float
-  weight_decay: float
-  beta_1: float
-  beta_2: float
-  epsilon: float
-  clipnorm: float | None
-  l2_regularization: float
-  ema_decay: float | None
-  ema_start_step: int | None
-  distribution: str
-  tpu: str
-  cpu_replicas: int
-  mixed_precision: str | None
-  steps_per_loop: int
-  log_every: int
-  checkpoint_every: int
-  eval_every: int | None
-  keep_checkpoints: int
-  eval_batch_size: int
-  eval_crop: float
-  seed: int
-  deterministic: bool
-  shard_policy: str
-  shuffle: bool
-  cycle_length: int
-  memory_cache: bool
-  stop_after_steps: int | None
-  op_determinism: bool
+  data: DataConfig
+  augment: AugmentConfig
+  student: StudentConfig
+  loss: LossConfig
+  schedule: ScheduleConfig
+  optimizer: OptimizerConfig
+  cadence: CadenceConfig
+  runtime: RuntimeConfig
+
+  @classmethod
+  def make(cls, workdir: str, **groups) -> Config:
+    """The groups given by name; gin makes the others from their bindings."""
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+      raise TypeError(f"no settings group {unknown}; the groups are {list(GROUPS)}")
+    return cls(workdir, **{name: group() if groups.get(name) is None else groups[name]
+                            for name, group in GROUPS.items()})
+
+
+# The flat `train.X` names of before the groups -> their bindings now, e.g. "data_root" ->
+# "data.root" (`mnv4_train.main` names them when a gin file or binding uses an old one).
+RENAMED = {field.metadata.get("formerly", field.name): f"{name}.{field.name}"
+           for name, group in GROUPS.items() for field in dataclasses.fields(group)}
+
+
+def renamed(names) -> str:
+  """One line naming the binding now of each old flat `train.X` name in `names`."""
+  each = "; ".join(f"train.{n} is now {RENAMED[n]}" if n in RENAMED else
+                   f"train.{n} is no setting" for n in dict.fromkeys(names))
+  return (f"{each} (the settings are in groups now: {', '.join(GROUPS)}; see "
+          "mnv4_train/train.py)")
 
 
 @dataclasses.dataclass
 class Plan:
   """What the settings come to on this process: strategy, host layout, data and lengths."""
-  settings: Settings
+  config: Config
   strategy: Any
   host: int
   num_hosts: int
@@ -174,148 +336,40 @@ class Run:
 
 # ---- the entry point -------------------------------------------------------------------------
 
-@gin.configurable(denylist=["workdir"])
-def train(
-    workdir: str,
-    *,
-    model: str = gin.REQUIRED,
-    datasets: dict = gin.REQUIRED,
-    weights: dict | None = None,
-    weight_schedule: list | None = None,
-    eval_data: str | None = None,
-    data_root: str | None = None,
-    model_options: dict | None = None,
-    num_classes: int | None = None,
-    resolution: int | None = None,
-    teacher: str = "records",
-    teacher_model: str | None = None,
-    temperature: float = 1.0,
-    distill_weight: float = 1.0,
-    label_weight: float = 0.0,
-    label_smoothing: float = 0.0,
-    augment_layers: int = 2,
-    augment_magnitude: float = 9.0,
-    augment_translate_const: float = 10.0,
-    augment_cutout_const: float = 40.0,
-    augment_prob_to_apply: float | None = None,
-    augment_exclude_ops: tuple = (),
-    mixup_alpha: float = 0.0,
-    cutmix_alpha: float = 0.0,
-    mix_prob: float = 1.0,
-    mix_switch_prob: float = 0.5,
-    mix_label_smoothing: float = 0.1,
-    crop_area_min: float = 0.08,
-    flip: bool = True,
-    global_batch_size: int = 256,
-    epochs: float | None = None,
-    train_steps: int | None = None,
-    examples_per_epoch: int | None = None,
-    learning_rate: float = 0.004,
-    warmup_steps: int = 1560,
-    warmup_epochs: float | None = None,
-    end_learning_rate: float = 0.0,
-    weight_decay: float = 0.1,
-    beta_1: float = 0.9,
-    beta_2: float = 0.999,
-    epsilon: float = 1e-7,
-    clipnorm: float | None = None,
-    l2_regularization: float = 0.0,
-    ema_decay: float | None = None,
-    ema_start_step: int | None = None,
-    distribution: str = "cpu",
-    tpu: str = "local",
-    cpu_replicas: int = 1,
-    mixed_precision: str | None = "auto",
-    steps_per_loop: int = 100,
-    log_every: int = 100,
-    checkpoint_every: int = 1000,
-    eval_every: int | None = None,
-    keep_checkpoints: int = 3,
-    eval_batch_size: int = 256,
-    eval_crop: float = 0.875,
-    seed: int = 0,
-    deterministic: bool = True,
-    shard_policy: str = "auto",
-    shuffle: bool = True,
-    cycle_length: int = 16,
-    memory_cache: bool = False,
-    stop_after_steps: int | None = None,
-    op_determinism: bool = False,
-) -> dict:
-  """Trains `model` on `datasets` and returns the final metrics.
+def train(workdir: str, *, data: DataConfig | None = None, augment: AugmentConfig | None = None,
+          student: StudentConfig | None = None, loss: LossConfig | None = None,
+          schedule: ScheduleConfig | None = None, optimizer: OptimizerConfig | None = None,
+          cadence: CadenceConfig | None = None, runtime: RuntimeConfig | None = None) -> dict:
+  """Trains `student.model` on `data.datasets` and returns the final metrics.
 
   Args:
     workdir: run folder (local or a bucket); an existing run in it resumes.
-    model: MNv4 variant name; `model_options` go to `models.build` (width, dropout,
-      drop_path_rate, bn_momentum, ...); `num_classes` defaults to the data's.
-    datasets: name -> folder: distillation records (`data_prep.distill`) or source shards
-      (`data_prep.ingest`, augmented online with an inception crop of at least
-      `crop_area_min` of the image + RandAugment + a horizontal flip when `flip`).
-    augment_layers, augment_magnitude, augment_translate_const, augment_cutout_const,
-      augment_prob_to_apply, augment_exclude_ops: that RandAugment, as the Model Garden's
-      `RandAugment` arguments (num_layers, magnitude, translate_const, cutout_const,
-      prob_to_apply, exclude_ops; constants in pixels at any resolution, as it applies them;
-      defaults: its `common.RandAugment` config's).
-    mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, mix_label_smoothing: batch mixup /
-      cutmix, the Model Garden's `MixupAndCutmix` (alpha, cutmix_alpha, prob, switch_prob,
-      label_smoothing) on each batch, its soft labels taking the label term's place
-      (label-only runs, teacher "none"); off while both alphas are 0.
-    weights / weight_schedule: mixture weights by dataset name, or [(start_step, weights), ...].
-    eval_data: held-out source shards for top-1/top-5.
-    data_root: a folder (or bucket path) that relative `datasets` and `eval_data` paths are in.
-    resolution: student input size (default: the records' resolution, else the canonical one).
-    teacher: "records" (stored logits), "online" (`teacher_model` runs on each batch) or "none"
-      (labels only: set label_weight).
-    temperature, distill_weight, label_weight, label_smoothing: the loss (`mnv4_train.kd`).
-    global_batch_size, epochs | train_steps, examples_per_epoch: the length; an epoch is
-      `examples_per_epoch` images (default: one pass over the first dataset's source images).
-    learning_rate, warmup_steps, end_learning_rate: linear warmup then cosine decay.
-    warmup_epochs: the warmup in epochs (converted to steps as `epochs` is); when set it
-      replaces `warmup_steps`.
-    weight_decay, beta_1, beta_2, epsilon, clipnorm: AdamW (no decay on norms, biases, scales).
-    l2_regularization: an extra 0.5 * l2 * |w|^2 loss on kernels (the Model Garden's Conv-S).
-    ema_decay: keep an exponential moving average of the weights (evaluated and exported).
-    ema_start_step: the average follows the weights exactly until this optimizer step, and
-      averages from there on (the Model Garden's `ExponentialMovingAverage(start_step=...)`);
-      None: at the end of the warmup, as its MNv4 recipes set it.
-    distribution, tpu, cpu_replicas: see `make_strategy`.
-    mixed_precision: None, "mixed_bfloat16", "mixed_float16" or "auto" (bf16 on TPU, float16
-      on GPU, float32 on CPU).
-    steps_per_loop, log_every, checkpoint_every, eval_every, keep_checkpoints: cadence.
-    seed, deterministic, shard_policy, shuffle, cycle_length: the input pipeline.
-    memory_cache: hold the run's datasets in memory as pixels (source images decoded whole,
-      at most a flip; distillation records replayed once) and gather whole batches, as `fit`
-      on arrays does; small data only (`pipeline.memory_cache_problem`). Its order (and a
-      source recipe's flips) are its own, not the streaming input's.
-    stop_after_steps: stop (checkpointed) after this many steps of this invocation, as a
-      preemption would; the schedule still spans the whole run.
-    op_determinism: TensorFlow's deterministic kernels (bit-equal reruns; slower).
+    data, augment, student, loss, schedule, optimizer, cadence, runtime: the settings, one
+      group each (`DataConfig`, ...: every setting is documented there); gin makes each one
+      not given from its bindings (`mnv4_train.main` parses the gin files first).
   """
-  settings = Settings(**locals())  # first: every argument, by name
+  config = Config.make(workdir, data=data, augment=augment, student=student, loss=loss,
+                       schedule=schedule, optimizer=optimizer, cadence=cadence, runtime=runtime)
   started = time.time()
-  plan = plan_run(settings)
+  plan = plan_run(config)
   # One trainer per workdir: the chief claims it (a second one stops naming the first; a claim
   # left by a killed run on this host is taken over), released however the run ends.
   claim = ownership.claim(workdir, "--workdir") if plan.chief else None
   try:
-    return _train(plan, settings, started)
+    return _train(plan, started)
   finally:
     if claim is not None:
       claim.release()
 
 
-def _train(plan: Plan, settings: Settings, started: float) -> dict:
-  s = settings
-  workdir, eval_batch_size, eval_crop = s.workdir, s.eval_batch_size, s.eval_crop
-  global_batch_size, keep_checkpoints = s.global_batch_size, s.keep_checkpoints
-  stop_after_steps, steps_per_loop, log_every = s.stop_after_steps, s.steps_per_loop, s.log_every
-  checkpoint_every, eval_every = s.checkpoint_every, s.eval_every
+def _train(plan: Plan, started: float) -> dict:
+  workdir, cadence = plan.config.workdir, plan.config.cadence
   # From here on SIGTERM / SIGINT stop the run at a step boundary, saved (the strategy exists:
   # the stop flag is a variable, and MultiWorkerMirroredStrategy must come before any).
   with StopSignals() as signals:
     run = build(plan, stop=signals.flag)
     ckpt = Checkpointer(workdir, model=run.student, optimizer=run.optimizer,
-                        iterator=run.iterator, host=plan.host, keep=keep_checkpoints)
+                        iterator=run.iterator, host=plan.host, keep=cadence.keep_checkpoints)
     with pipeline.naming_bad_files(plan.infos):  # restoring the input reopens its files
       step = ckpt.restore()
     if step >= plan.train_steps and tf.io.gfile.exists(_metrics_path(workdir)):
@@ -327,19 +381,19 @@ def _train(plan: Plan, settings: Settings, started: float) -> dict:
     log.info("%s", describe(plan))
     if plan.eval_data:
       run.eval_ds, run.eval_info = pipeline.eval_dataset(
-          plan.eval_data, resolution=plan.resolution, batch_size=eval_batch_size,
-          crop_fraction=eval_crop)
+          plan.eval_data, resolution=plan.resolution,
+          batch_size=plan.config.data.eval_batch_size, crop_fraction=plan.config.data.eval_crop)
     writer = MetricWriter(workdir, chief=plan.chief, train_steps=plan.train_steps,
-                          global_batch=global_batch_size)
+                          global_batch=plan.config.schedule.global_batch_size)
     writer.start(step)
-    stop_at = plan.train_steps if stop_after_steps is None else min(plan.train_steps,
-                                                                    step + stop_after_steps)
-    cadence = Cadence(train_steps=plan.train_steps, stop_at=stop_at,
-                      steps_per_loop=steps_per_loop, log_every=log_every,
-                      checkpoint_every=checkpoint_every,
-                      eval_every=eval_every if run.eval_ds is not None else None)
+    stop_at = plan.train_steps if cadence.stop_after_steps is None else min(
+        plan.train_steps, step + cadence.stop_after_steps)
+    timing = Cadence(train_steps=plan.train_steps, stop_at=stop_at,
+                     steps_per_loop=cadence.steps_per_loop, log_every=cadence.log_every,
+                     checkpoint_every=cadence.checkpoint_every,
+                     eval_every=cadence.eval_every if run.eval_ds is not None else None)
     try:
-      step = run_loop(plan, run, cadence, step, ckpt, writer, signals)
+      step = run_loop(plan, run, timing, step, ckpt, writer, signals)
       result = finish(plan, run, step, writer, signals)
     except Preempted:
       writer.close()  # what was written so far: TensorBoard flushed, curves drawn
@@ -352,74 +406,79 @@ def _train(plan: Plan, settings: Settings, started: float) -> dict:
 
 # ---- plan ------------------------------------------------------------------------------------
 
-def plan_run(s: Settings) -> Plan:
+def plan_run(config: Config) -> Plan:
   """Checks the settings, makes the strategy and opens the datasets; one ConfigError each."""
-  if s.teacher not in TEACHERS:
-    raise ConfigError(f"train.teacher must be one of {list(TEACHERS)}, not {s.teacher!r}")
-  distill_weight = 0.0 if s.teacher == "none" else s.distill_weight
-  if (s.mixup_alpha or s.cutmix_alpha) and s.teacher != "none":
-    raise ConfigError("batch mixup/cutmix (train.mixup_alpha, train.cutmix_alpha) is for "
-                      "label-only runs (train.teacher='none'): it would change the pixels the "
+  d, a, loss, sched = config.data, config.augment, config.loss, config.schedule
+  rt = config.runtime
+  if loss.teacher not in TEACHERS:
+    raise ConfigError(f"loss.teacher must be one of {list(TEACHERS)}, not {loss.teacher!r}")
+  distill_weight = 0.0 if loss.teacher == "none" else loss.distill_weight
+  if (a.mixup_alpha or a.cutmix_alpha) and loss.teacher != "none":
+    raise ConfigError("batch mixup/cutmix (augment.mixup_alpha, augment.cutmix_alpha) is for "
+                      "label-only runs (loss.teacher='none'): it would change the pixels the "
                       "teacher's logits belong to; set both alphas to 0")
-  if not distill_weight and not s.label_weight:
-    raise ConfigError("nothing to learn from: set train.distill_weight (with a teacher) or "
-                      "train.label_weight")
-  if not isinstance(s.datasets, dict) or not s.datasets:
-    raise ConfigError("train.datasets must map dataset names to folders, e.g. "
+  if not distill_weight and not loss.label_weight:
+    raise ConfigError("nothing to learn from: set loss.distill_weight (with a teacher) or "
+                      "loss.label_weight")
+  if not isinstance(d.datasets, dict) or not d.datasets:
+    raise ConfigError("data.datasets must map dataset names to folders, e.g. "
                       "{'d1': '/data/d1', 'd2': '/data/d2'}")
-  if s.global_batch_size < 1:
-    raise ConfigError(f"train.global_batch_size must be >= 1, got {s.global_batch_size}")
-  datasets, eval_data = s.datasets, s.eval_data
-  if s.data_root:
-    datasets = {name: _under(s.data_root, path) for name, path in datasets.items()}
-    eval_data = eval_data and _under(s.data_root, eval_data)
-  ownership.check_overlap(s.workdir, {
-      **{f"train.datasets['{name}']": path for name, path in datasets.items()},
-      "train.eval_data": eval_data, "train.teacher_model": s.teacher_model}, what="--workdir")
-  check_workdir(s.workdir)
-  keras.utils.set_random_seed(s.seed)
-  if s.op_determinism:
+  if sched.global_batch_size < 1:
+    raise ConfigError(f"schedule.global_batch_size must be >= 1, got {sched.global_batch_size}")
+  datasets, eval_data = d.datasets, d.eval_data
+  if d.root:
+    datasets = {name: _under(d.root, path) for name, path in datasets.items()}
+    eval_data = eval_data and _under(d.root, eval_data)
+  ownership.check_overlap(config.workdir, {
+      **{f"data.datasets['{name}']": path for name, path in datasets.items()},
+      "data.eval_data": eval_data, "loss.teacher_model": loss.teacher_model}, what="--workdir")
+  check_workdir(config.workdir)
+  keras.utils.set_random_seed(rt.seed)
+  if rt.op_determinism:
     tf.config.experimental.enable_op_determinism()
 
-  strategy = make_strategy(s.distribution, s.tpu, s.cpu_replicas)
+  strategy = make_strategy(rt.distribution, rt.tpu, rt.cpu_replicas)
   host, num_hosts, _ = host_info(strategy)
   replicas = strategy.num_replicas_in_sync
-  if s.global_batch_size % replicas:
-    raise ConfigError(f"train.global_batch_size {s.global_batch_size} is not divisible by the "
-                      f"{replicas} replicas")
-  mixed_precision = s.mixed_precision
+  if sched.global_batch_size % replicas:
+    raise ConfigError(f"schedule.global_batch_size {sched.global_batch_size} is not divisible "
+                      f"by the {replicas} replicas")
+  mixed_precision = rt.mixed_precision
   if mixed_precision == "auto":
-    mixed_precision = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(s.distribution)
+    mixed_precision = {"tpu": "mixed_bfloat16", "gpu": "mixed_float16"}.get(rt.distribution)
   keras.mixed_precision.set_dtype_policy(mixed_precision or "float32")
 
   infos = [pipeline.open_dataset(path, name) for name, path in datasets.items()]
   for info in infos:  # every file there, of its recorded size: a bad dataset fails now
     pipeline.check_files(info)
-  if (s.teacher == "records" and distill_weight
+  if (loss.teacher == "records" and distill_weight
       and {info.kind for info in infos} != {"distill"}):
-    raise ConfigError("train.teacher='records' needs distillation records for every dataset; "
+    raise ConfigError("loss.teacher='records' needs distillation records for every dataset; "
                       "source shards have no teacher logits (use teacher='online' or 'none')")
-  examples_per_epoch = s.examples_per_epoch
+  examples_per_epoch = sched.examples_per_epoch
   if examples_per_epoch is None:
     examples_per_epoch = infos[0].epoch_examples
-  train_steps = s.train_steps
+  train_steps = sched.train_steps
   if train_steps is None:
-    if s.epochs is None:
-      raise ConfigError("set train.epochs or train.train_steps")
-    train_steps = max(1, math.ceil(s.epochs * examples_per_epoch / s.global_batch_size))
-  warmup_steps = s.warmup_steps
-  if s.warmup_epochs is not None:
-    if s.warmup_epochs < 0:
-      raise ConfigError(f"train.warmup_epochs must be >= 0, got {s.warmup_epochs}")
-    warmup_steps = math.ceil(s.warmup_epochs * examples_per_epoch / s.global_batch_size)
-  ema_start_step = warmup_steps if s.ema_start_step is None else s.ema_start_step
+    if sched.epochs is None:
+      raise ConfigError("set schedule.epochs or schedule.train_steps")
+    train_steps = max(1, math.ceil(sched.epochs * examples_per_epoch / sched.global_batch_size))
+  warmup_steps = sched.warmup_steps
+  if sched.warmup_epochs is not None:
+    if sched.warmup_epochs < 0:
+      raise ConfigError(f"schedule.warmup_epochs must be >= 0, got {sched.warmup_epochs}")
+    warmup_steps = math.ceil(sched.warmup_epochs * examples_per_epoch / sched.global_batch_size)
+  start = config.optimizer.ema_start_step
+  student = config.student
   return Plan(
-      settings=s, strategy=strategy, host=host, num_hosts=num_hosts, replicas=replicas,
-      host_batch=s.global_batch_size // num_hosts, mixed_precision=mixed_precision,
+      config=config, strategy=strategy, host=host, num_hosts=num_hosts, replicas=replicas,
+      host_batch=sched.global_batch_size // num_hosts, mixed_precision=mixed_precision,
       distill_weight=distill_weight, datasets=datasets, eval_data=eval_data, infos=infos,
-      num_classes=s.num_classes or infos[0].num_classes,
-      resolution=s.resolution or infos[0].resolution or models.canonical_resolution(s.model),
-      train_steps=train_steps, warmup_steps=warmup_steps, ema_start_step=ema_start_step)
+      num_classes=student.num_classes or infos[0].num_classes,
+      resolution=(student.resolution or infos[0].resolution
+                  or models.canonical_resolution(student.model)),
+      train_steps=train_steps, warmup_steps=warmup_steps,
+      ema_start_step=warmup_steps if start is None else start)
 
 
 def check_workdir(workdir: str):
@@ -446,58 +505,59 @@ def build(plan: Plan, stop=None) -> Run:
 
   `stop`: the flag (a boolean tf.Variable) that ends the compiled loop early (`StopSignals`).
   """
-  s = plan.settings
+  c = plan.config
+  d, a, loss = c.data, c.augment, c.loss
   options = pipeline.StreamOptions(
-      seed=s.seed, shuffle=s.shuffle, cycle_length=s.cycle_length, memory_cache=s.memory_cache,
-      supervised_recipe=supervised_recipe(s))
+      seed=c.runtime.seed, shuffle=d.shuffle, cycle_length=d.cycle_length,
+      memory_cache=d.memory_cache, supervised_recipe=supervised_recipe(a))
   batch_mix = None
-  if s.mixup_alpha or s.cutmix_alpha:
+  if a.mixup_alpha or a.cutmix_alpha:
     batch_mix = mg_augment.MixupAndCutmix(
-        num_classes=plan.num_classes, mixup_alpha=s.mixup_alpha, cutmix_alpha=s.cutmix_alpha,
-        prob=s.mix_prob, switch_prob=s.mix_switch_prob, label_smoothing=s.mix_label_smoothing)
+        num_classes=plan.num_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+        prob=a.mix_prob, switch_prob=a.mix_switch_prob, label_smoothing=a.mix_label_smoothing)
   with pipeline.naming_bad_files(plan.infos):  # memory_cache reads every file here
     train_ds = pipeline.train_dataset(
         plan.infos, resolution=plan.resolution, host_batch=plan.host_batch,
-        num_classes=plan.num_classes, weights=s.weights, schedule=s.weight_schedule,
-        num_hosts=plan.num_hosts, host=plan.host, shard_policy=s.shard_policy,
-        deterministic=s.deterministic, options=options, batch_mix=batch_mix)
+        num_classes=plan.num_classes, weights=d.weights, schedule=d.weight_schedule,
+        num_hosts=plan.num_hosts, host=plan.host, shard_policy=d.shard_policy,
+        deterministic=d.deterministic, options=options, batch_mix=batch_mix)
   with plan.strategy.scope():
-    student = models.build(s.model, num_classes=plan.num_classes, resolution=plan.resolution,
-                           **(s.model_options or {}))
+    student = models.build(c.student.model, num_classes=plan.num_classes,
+                           resolution=plan.resolution, **(c.student.options or {}))
     teacher_net = None
-    if s.teacher == "online" and plan.distill_weight:
-      teacher_net = load_teacher(s.teacher_model, plan.num_classes)
-    distiller = Distiller(student, teacher_net, temperature=s.temperature,
-                          distill_weight=plan.distill_weight, label_weight=s.label_weight,
-                          label_smoothing=s.label_smoothing)
-    optimizer = build_optimizer(s, student, plan.train_steps, plan.mixed_precision,
+    if loss.teacher == "online" and plan.distill_weight:
+      teacher_net = load_teacher(loss.teacher_model, plan.num_classes)
+    distiller = Distiller(student, teacher_net, temperature=loss.temperature,
+                          distill_weight=plan.distill_weight, label_weight=loss.label_weight,
+                          label_smoothing=loss.label_smoothing)
+    optimizer = build_optimizer(c, student, plan.train_steps, plan.mixed_precision,
                                 warmup_steps=plan.warmup_steps,
                                 ema_start_step=plan.ema_start_step)
-  trainer = Trainer(plan.strategy, distiller, optimizer, global_batch=s.global_batch_size,
+  trainer = Trainer(plan.strategy, distiller, optimizer,
+                    global_batch=c.schedule.global_batch_size,
                     datasets=[info.name for info in plan.infos],
-                    l2_regularization=s.l2_regularization, stop=stop)
+                    l2_regularization=c.optimizer.l2_regularization, stop=stop)
   return Run(student=student, optimizer=optimizer, trainer=trainer, iterator=iter(train_ds))
 
 
-def supervised_recipe(s: Settings) -> augment.Recipe:
+def supervised_recipe(a: AugmentConfig) -> augment.Recipe:
   """The online augmentation of source-shard datasets: inception crop, RandAugment as the
   Model Garden's (constants in pixels), flip."""
   try:
     return augment.Recipe(
-        "supervised", ra_layers=s.augment_layers, ra_magnitude=s.augment_magnitude,
-        crop_area=(s.crop_area_min, 1.0), flip=s.flip,
-        translate_const=s.augment_translate_const, cutout_const=s.augment_cutout_const,
-        const_resolution=None, prob_to_apply=s.augment_prob_to_apply,
-        exclude_ops=tuple(s.augment_exclude_ops))
+        "supervised", ra_layers=a.layers, ra_magnitude=a.magnitude,
+        crop_area=(a.crop_area_min, 1.0), flip=a.flip, translate_const=a.translate_const,
+        cutout_const=a.cutout_const, const_resolution=None, prob_to_apply=a.prob_to_apply,
+        exclude_ops=tuple(a.exclude_ops))
   except ValueError as e:
-    raise ConfigError(f"train.augment_*: {e}") from None
+    raise ConfigError(f"augment.*: {e}") from None
 
 
 def load_teacher(path: str | None, num_classes: int):
   """The online teacher (a `.keras` file), checked to output `num_classes` logits."""
   if not path:
-    raise ConfigError("train.teacher='online' needs train.teacher_model (a .keras file)")
-  teacher = checkpoint.load_model(path, what="train.teacher_model", saved_model=False)
+    raise ConfigError("loss.teacher='online' needs loss.teacher_model (a .keras file)")
+  teacher = checkpoint.load_model(path, what="loss.teacher_model", saved_model=False)
   out = int(teacher.output_shape[-1])
   if out != num_classes:
     raise ConfigError(f"teacher {path} outputs {out} classes but the data has {num_classes}")
@@ -531,14 +591,16 @@ class AdamW(keras.optimizers.AdamW):
       average.assign(momentum * average + (1 - momentum) * var)
 
 
-def build_optimizer(s: Settings, student, train_steps: int, mixed_precision: str | None, *,
+def build_optimizer(config: Config, student, train_steps: int, mixed_precision: str | None, *,
                     warmup_steps: int | None = None, ema_start_step: int = 0):
   """AdamW with warmup + cosine decay, no weight decay on 1-D weights, built for `student`."""
-  warmup_steps = s.warmup_steps if warmup_steps is None else warmup_steps
+  o, sched = config.optimizer, config.schedule
+  warmup_steps = sched.warmup_steps if warmup_steps is None else warmup_steps
   optimizer = AdamW(
-      learning_rate=_schedule(s.learning_rate, warmup_steps, train_steps, s.end_learning_rate),
-      weight_decay=s.weight_decay, beta_1=s.beta_1, beta_2=s.beta_2, epsilon=s.epsilon,
-      global_clipnorm=s.clipnorm, use_ema=bool(s.ema_decay), ema_momentum=s.ema_decay or 0.99,
+      learning_rate=_schedule(sched.learning_rate, warmup_steps, train_steps,
+                              sched.end_learning_rate),
+      weight_decay=o.weight_decay, beta_1=o.beta_1, beta_2=o.beta_2, epsilon=o.epsilon,
+      global_clipnorm=o.clipnorm, use_ema=bool(o.ema_decay), ema_momentum=o.ema_decay or 0.99,
       ema_start_step=ema_start_step)
   # Decoupled weight decay on kernels only: not on norms, biases or layer scales.
   optimizer.exclude_from_weight_decay(
@@ -561,26 +623,27 @@ def _schedule(learning_rate, warmup_steps, total_steps, end_learning_rate):
 
 def record_run(plan: Plan):
   """config.gin (the gin files as given) and run.json (what the run is, with the git revision)."""
-  s = plan.settings
-  write_text(os.path.join(s.workdir, "config.gin"), gin.config_str())
-  write_text(os.path.join(s.workdir, "run.json"), json.dumps({
-      "model": s.model, "num_classes": plan.num_classes, "resolution": plan.resolution,
-      "train_steps": plan.train_steps, "global_batch_size": s.global_batch_size,
+  c = plan.config
+  write_text(os.path.join(c.workdir, "config.gin"), gin.config_str())
+  write_text(os.path.join(c.workdir, "run.json"), json.dumps({
+      "model": c.student.model, "num_classes": plan.num_classes, "resolution": plan.resolution,
+      "train_steps": plan.train_steps, "global_batch_size": c.schedule.global_batch_size,
       "datasets": {info.name: {"path": info.path, "kind": info.kind, "recipe": info.recipe,
                                "jpeg_quality": info.jpeg_quality,
                                "examples": info.num_examples} for info in plan.infos},
-      "distribution": s.distribution, "replicas": plan.replicas, "hosts": plan.num_hosts,
+      "distribution": c.runtime.distribution, "replicas": plan.replicas,
+      "hosts": plan.num_hosts,
       "mixed_precision": plan.mixed_precision, "git_revision": _git_revision()}, indent=1))
 
 
 def describe(plan: Plan) -> str:
   """The run's start line: model, data, length and layout."""
-  s = plan.settings
+  c = plan.config
   data = ", ".join(f"{info.name} ({info.kind} {info.recipe})".replace(" )", ")")
                    for info in plan.infos)
-  return (f"{s.model}: {plan.num_classes} classes at {plan.resolution}px, {plan.train_steps} "
-          f"steps of {s.global_batch_size} ({plan.replicas} replicas on {plan.num_hosts} "
-          f"hosts), datasets {data}")
+  return (f"{c.student.model}: {plan.num_classes} classes at {plan.resolution}px, "
+          f"{plan.train_steps} steps of {c.schedule.global_batch_size} ({plan.replicas} "
+          f"replicas on {plan.num_hosts} hosts), datasets {data}")
 
 
 def _git_revision():
@@ -621,14 +684,14 @@ def run_loop(plan: Plan, run: Run, cadence: Cadence, step: int, ckpt: Checkpoint
     if not math.isfinite(sums[stats.LOSS]):
       raise TrainingDiverged(f"the loss became {sums[stats.LOSS]} between steps "
                              f"{interval_start} and {step}; stopped, the last good checkpoint "
-                             f"is {ckpt.latest() or 'none'}; lower train.learning_rate or "
+                             f"is {ckpt.latest() or 'none'}; lower schedule.learning_rate or "
                              "check the teacher logits")
     if cadence.log(step) or (stopped and step > interval_start):
       seconds = time.time() - interval_time
       writer.train(sums.row(
           step, has_teacher=run.trainer.has_teacher,
           learning_rate=float(run.optimizer.learning_rate),
-          examples_per_second=(step - interval_start) * plan.settings.global_batch_size
+          examples_per_second=(step - interval_start) * plan.config.schedule.global_batch_size
           / seconds))
       sums.reset()
       interval_start, interval_time = step, time.time()
@@ -648,7 +711,7 @@ def evaluate(plan: Plan, run: Run, step: int, writer: MetricWriter) -> dict | No
   """Top-1/top-5 on the eval data (EMA weights when EMA is on), written and returned; None
   (nothing written) when a stop was requested during it."""
   with EMASwap(run.optimizer, run.student), pipeline.naming_bad_files([run.eval_info]):
-    result = run.trainer.evaluate(run.eval_ds, plan.settings.eval_batch_size)
+    result = run.trainer.evaluate(run.eval_ds, plan.config.data.eval_batch_size)
   if result is None:
     return None
   result["step"] = step
@@ -665,7 +728,7 @@ def finish(plan: Plan, run: Run, step: int, writer: MetricWriter,
   A stop requested meanwhile (its checkpoint at `step` is already there) raises `Preempted`
   before metrics.json, which marks the run as finished, is written.
   """
-  workdir = plan.settings.workdir
+  workdir = plan.config.workdir
   result = {"step": step, "train_steps": plan.train_steps, "finished": step >= plan.train_steps}
   if result["finished"]:
     if run.eval_ds is not None:

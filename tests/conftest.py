@@ -1,5 +1,8 @@
 """Shared fixtures: real digits images, their source shards and a small trained teacher."""
 
+import contextlib
+import fcntl
+import json
 import os
 
 # As our CLIs do (mnv4_train/__init__.py); set first, because importing jax sets it to 1 and
@@ -20,7 +23,23 @@ CORRUPT_FILES = {
 }
 
 
-def pytest_collection_modifyitems(config, items):
+# Fixtures that run a Beam job or train a model: a test that asks for one is end to end.
+E2E_FIXTURES = frozenset({"source_shards", "teacher_path", "distill_records"})
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  """Marks the end-to-end tests `e2e`, then orders the collection for two xdist workers.
+
+  `e2e` (deselect with `-m "not e2e"` for the fast tier): marked `slow` or `e2e` in the test
+  files, or asking for a fixture that runs a Beam job or a training run (E2E_FIXTURES).
+  """
+  for item in items:
+    if item.get_closest_marker("slow") or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.e2e)
+  _order_for_two_workers(items)
+
+
+def _order_for_two_workers(items):
   """Starts each of two xdist workers with its share of the long end-to-end tests.
 
   The `worksteal` scheduler hands worker 0 the first half of this order and worker 1 the rest,
@@ -28,7 +47,6 @@ def pytest_collection_modifyitems(config, items):
   (minutes each) go to the head of their half; everything else keeps its order, so a file's
   tests (and its fixtures) mostly stay on one worker.
   """
-  del config
   leads = {0: [], 1: []}
   rest = []
   for item in items:
@@ -41,23 +59,56 @@ def pytest_collection_modifyitems(config, items):
   items[:] = first + leads[1] + rest[len(first) - len(leads[0]):]
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name):
+  """A folder that the test run builds once, shared by its xdist workers.
+
+  Yields (folder, None) when it is already built (by this or another worker), else
+  (folder, done): build into `folder`, then call `done()`. The first worker to ask builds it
+  under a lock while the others wait, instead of each building its own copy.
+  """
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # the run's folder, above each worker's own
+  folder = base / f"shared-{name}"
+  with open(base / f"shared-{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    marker = base / f"shared-{name}.built"
+    if marker.exists():
+      yield folder, None
+      return
+    if folder.exists():  # a build that failed in another worker: start again
+      import shutil  # pylint: disable=import-outside-toplevel
+      shutil.rmtree(folder)
+    folder.mkdir()
+    yield folder, marker.touch
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
   """200 real digit images (20 per class, 32 px PNG) plus three corrupt files."""
-  root = str(tmp_path_factory.mktemp("digits"))
-  written = write_digits_folder(root, per_class=20)
-  for rel, data in CORRUPT_FILES.items():
-    with open(os.path.join(root, rel), "wb") as f:
-      f.write(data)
-  return root, written
+  with built_once(tmp_path_factory, "digits") as (root, done):
+    if done:
+      written = write_digits_folder(str(root), per_class=20)
+      for rel, data in CORRUPT_FILES.items():
+        with open(os.path.join(root, rel), "wb") as f:
+          f.write(data)
+      (root.parent / "shared-digits.json").write_text(json.dumps(written))
+      done()
+    written = json.loads((root.parent / "shared-digits.json").read_text())
+  return str(root), written
 
 
 @pytest.fixture(scope="session")
 def source_shards(digits_folder, tmp_path_factory):
   from data_prep import ingest
-  out = str(tmp_path_factory.mktemp("sources") / "digits")
-  manifest = ingest.run([f"--images={digits_folder[0]}", f"--out={out}", "--num_shards=2"])
-  return out, manifest
+  with built_once(tmp_path_factory, "sources") as (root, done):
+    out = str(root / "digits")
+    if done:
+      ingest.run([f"--images={digits_folder[0]}", f"--out={out}", "--num_shards=2"])
+      done()
+  with open(os.path.join(out, "manifest.json")) as f:
+    return out, json.load(f)
 
 
 def load_source_arrays(folder, resolution=32):
@@ -75,15 +126,19 @@ def load_source_arrays(folder, resolution=32):
 @pytest.fixture(scope="session")
 def teacher_path(source_shards, tmp_path_factory):
   """A tiny MNv4-Conv-S trained for a few seconds on the digits shards (fixed 32 px input)."""
-  from mnv4_train import models
-  xs, ys, _ = load_source_arrays(source_shards[0])
-  keras.utils.set_random_seed(0)
-  model = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.9, resolution=32)
-  model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  model.fit(xs, ys, epochs=12, batch_size=32, verbose=0)
-  path = str(tmp_path_factory.mktemp("teacher") / "teacher.keras")
-  model.save(path)
+  with built_once(tmp_path_factory, "teacher") as (root, done):
+    path = str(root / "teacher.keras")
+    if done:
+      from mnv4_train import models
+      xs, ys, _ = load_source_arrays(source_shards[0])
+      keras.utils.set_random_seed(0)
+      model = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.9,
+                           resolution=32)
+      model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+      model.fit(xs, ys, epochs=12, batch_size=32, verbose=0)
+      model.save(path)
+      done()
   return path
 
 
@@ -94,12 +149,14 @@ def distill_records(source_shards, teacher_path, tmp_path_factory):
   D1 has the recipes' JPEG round trip; D2 is built without it, so that a mixture of the two
   replays two JPEG settings."""
   from data_prep import distill
-  root = tmp_path_factory.mktemp("distill")
-  src = source_shards[0]
-  d1 = str(root / "d1")
-  distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}", f"--out={d1}",
-               "--replicas=2", "--batch_size=32"])
-  d2 = str(root / "d2")
-  distill.run(["--recipe=d2", f"--source={src}", f"--teacher={teacher_path}", f"--out={d2}",
-               "--replicas=1", "--top_k=3", "--batch_size=32", "--jpeg_quality=0"])
+  with built_once(tmp_path_factory, "distill") as (root, done):
+    d1, d2 = str(root / "d1"), str(root / "d2")
+    if done:
+      src = source_shards[0]
+      distill.run(["--recipe=d1", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={d1}", "--replicas=2", "--batch_size=32"])
+      distill.run(["--recipe=d2", f"--source={src}", f"--teacher={teacher_path}",
+                   f"--out={d2}", "--replicas=1", "--top_k=3", "--batch_size=32",
+                   "--jpeg_quality=0"])
+      done()
   return {"d1": d1, "d2": d2}

@@ -70,25 +70,30 @@ def test_trainer_vs_fit_takes_the_recipes_settings_with_the_flags_put_in(tmp_pat
   from benchmarks import trainer_vs_fit as bench
   args = argparse.Namespace(batch=32, resolution=48, warmup=3, rounds=2, lead_in=1, steps=5,
                             distribution="cpu", mixed_precision="mixed_bfloat16")
-  labels = bench.recipe_settings(bench.LABELS_GIN, str(tmp_path / "a"), width=0.5,
-                                 **bench.trainer_overrides(args, {"digits": "/src"}))
-  distill = bench.recipe_settings(bench.DISTILL_GIN, str(tmp_path / "b"), width=0.5,
-                                  **bench.trainer_overrides(args, {"d1": "/d1"}))
-  for s in (labels, distill):
+  labels = bench.recipe_config(bench.LABELS_GIN, str(tmp_path / "a"), width=0.5,
+                               overrides=bench.trainer_overrides(args, {"digits": "/src"}))
+  distill = bench.recipe_config(bench.DISTILL_GIN, str(tmp_path / "b"), width=0.5,
+                                overrides=bench.trainer_overrides(args, {"d1": "/d1"}))
+  for c in (labels, distill):
     # the recipes' model options with the width replaced, their optimizer and cadence kept
-    assert s.model == "conv_s" and s.model_options == {"width": 0.5, "bn_momentum": 0.9}
-    assert (s.learning_rate, s.weight_decay, s.warmup_steps) == (0.003, 0.05, 60)
-    assert (s.steps_per_loop, s.log_every) == (22, 66)
-    assert (s.global_batch_size, s.resolution, s.train_steps, s.epochs) == (32, 48, 15, None)
-    assert s.eval_data is None and s.eval_every is None and s.data_root is None
-    assert s.weights is None and s.mixed_precision == "mixed_bfloat16"
-  assert labels.datasets == {"digits": "/src"} and labels.teacher == "none"
-  assert labels.label_weight == 1.0 and labels.distill_weight == 0.0
-  assert distill.datasets == {"d1": "/d1"} and distill.teacher == "records"
-  assert distill.distill_weight == 1.0 and distill.label_weight == 0.0
+    assert c.student.model == "conv_s"
+    assert c.student.options == {"width": 0.5, "bn_momentum": 0.9}
+    assert (c.schedule.learning_rate, c.optimizer.weight_decay) == (0.003, 0.05)
+    assert c.schedule.warmup_steps == 60
+    assert (c.cadence.steps_per_loop, c.cadence.log_every) == (22, 66)
+    assert (c.schedule.global_batch_size, c.student.resolution, c.schedule.train_steps,
+            c.schedule.epochs) == (32, 48, 15, None)
+    assert c.data.eval_data is None and c.cadence.eval_every is None and c.data.root is None
+    assert c.data.weights is None and c.runtime.mixed_precision == "mixed_bfloat16"
+  assert labels.data.datasets == {"digits": "/src"} and labels.loss.teacher == "none"
+  assert labels.loss.label_weight == 1.0 and labels.loss.distill_weight == 0.0
+  assert distill.data.datasets == {"d1": "/d1"} and distill.loss.teacher == "records"
+  assert distill.loss.distill_weight == 1.0 and distill.loss.label_weight == 0.0
   assert labels.workdir == str(tmp_path / "a")
   # The digits labels recipe ships with its memory cache; the distill recipe reads records.
-  assert labels.memory_cache and not distill.memory_cache
+  assert labels.data.memory_cache and not distill.data.memory_cache
+  cached = bench.cached(labels, str(tmp_path / "c"))
+  assert cached.data.memory_cache and cached.workdir == str(tmp_path / "c")
   assert gin.config_str() == ""  # gin is left cleared
 
 

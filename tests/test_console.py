@@ -145,3 +145,24 @@ def test_the_main_job_passes_verbose_to_its_beam_jobs(capfd, tmp_path):
   assert f"data_prep.ingest: error: --images {missing} is not a folder" in captured.err
   demo.parse_args([f"--workspace={tmp_path}"])
   assert demo._VERBOSE == []
+
+
+def test_native_chatter_is_kept_off_stderr_but_errors_pass(capfd):
+  """`mnv4_train.cli.chatter_filter` (around the export's converter and LiteRT), at the fd level
+  where C++ writes: chatter dropped, error lines through; after a failure, the context too."""
+  from mnv4_train import cli
+  chatter = [b"WARNING: All log messages before absl::InitializeLog() is called are written\n",
+             b"W0000 00:00:1.0    7311 tf_tfl_flatbuffer_helpers.cc:364] Ignored output_format.\n",
+             b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"]
+  error = b"E0000 00:00:1.0    7311 converter.cc:1] the real trouble\n"
+  with cli.chatter_filter():
+    for line in chatter + [error]:
+      os.write(2, line)
+  assert capfd.readouterr().err == error.decode()
+  with pytest.raises(RuntimeError), cli.chatter_filter():
+    os.write(2, chatter[1])
+    raise RuntimeError("a bug")
+  assert "Ignored output_format" in capfd.readouterr().err  # the context of a failure
+  with cli.chatter_filter(verbose=True):
+    os.write(2, chatter[2])
+  assert capfd.readouterr().err == chatter[2].decode()

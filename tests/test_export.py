@@ -245,3 +245,42 @@ def test_other_bad_input_is_one_line(trained, tmp_path, capsys, case):
   assert exit_.value.code == 2
   assert match in _one_line(capsys.readouterr().err)
   assert not glob.glob(str(tmp_path / "out" / "*"))
+
+
+# What the converter and LiteRT print from C++ when left alone.
+NATIVE_CHATTER = ("All log messages before absl::InitializeLog()", "Ignored output_format",
+                  "Created TensorFlow Lite XNNPACK delegate")
+
+
+def test_the_command_line_keeps_native_chatter_off_the_console(trained, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
+  result = subprocess.run(
+      [sys.executable, "-m", "mnv4_train.export", "--model", "conv_s", "--checkpoint",
+       trained["checkpoint"], "--out", str(tmp_path / "out"), "--format", "tflite_float32"],
+      capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr
+  output = result.stdout + result.stderr
+  assert not any(c in output for c in NATIVE_CHATTER), output
+  # and TensorFlow's own start-up lines: the command line quiets them, the library does not
+  assert not any(c in output for c in ("cpu_feature_guard", "oneDNN custom", "cuda")), output
+  assert "model_float32.tflite" in result.stdout and (tmp_path / "out" / export.REPORT).exists()
+
+
+def test_bucket_paths_go_through_gfile(trained):
+  """`ram://`, TensorFlow's in-memory file system, stands in for gs://: same tf.io.gfile path."""
+  gfile = tf.io.gfile
+  checkpoint, out = "ram://export-test/conv_s.keras", "ram://export-test/out"
+  gfile.makedirs("ram://export-test")
+  gfile.copy(trained["checkpoint"], checkpoint, overwrite=True)
+  report = export.export(model_name="conv_s", checkpoint=checkpoint, out=out,
+                         formats=("tflite_float32",), resolution=RES, log=lambda *_: None)
+  assert sorted(gfile.listdir(out)) == [export.REPORT, "model_float32.tflite"]
+  assert report["checkpoint"] == checkpoint
+  with gfile.GFile(f"{out}/{export.REPORT}") as f:
+    assert json.load(f)["formats"]["tflite_float32"]["path"] == f"{out}/model_float32.tflite"
+  with gfile.GFile(f"{out}/model_float32.tflite", "rb") as f:
+    assert export.run_tflite(f.read(), _held_out_images(trained)[:2]).shape == (2, 10)
+  with pytest.raises(SystemExit):  # a finished export: replaced only with --overwrite
+    export.main(["--model", "conv_s", "--checkpoint", checkpoint, "--out", out,
+                 "--format", "tflite_float32"])
+  gfile.rmtree("ram://export-test")

@@ -176,7 +176,7 @@ def test_the_demo_binds_the_distillation_recipes_own_length():
   import re
   from mnv4_train import demo
   gin_text = open(os.path.join(REPO, "gin_configs", "fashion_distill.gin")).read()
-  assert int(re.search(r"^train\.train_steps = (\d+)", gin_text, re.M).group(1)) == \
+  assert int(re.search(r"^schedule\.train_steps = (\d+)", gin_text, re.M).group(1)) == \
       demo.DISTILL_STEPS
   default = demo.parse_args(["--workspace=/tmp/ws"])
   longer = demo.parse_args(["--workspace=/tmp/ws", "--student_steps=8000"])

@@ -58,8 +58,8 @@ TPU_ARGS = ["--name", "t1", "--zone", "us-central2-b", "--gin_file", "conv_l_dis
 
 def test_tpu_pod_dry_run_prints_every_step_and_deletes_last(capsys):
   code, out, _ = _run_main(tpu_pod.main, [*TPU_ARGS, "--accelerator_type", "v4-32", "--project",
-                                          "p", "--gin_bindings", "train.steps=10", "--dry_run"],
-                           capsys)
+                                          "p", "--gin_bindings", "schedule.train_steps=10",
+                                          "--dry_run"], capsys)
   assert code == 0
   archive_cmd, create, copy, install, train, delete = _commands(out)
   where = ["--zone=us-central2-b", "--project=p"]
@@ -76,8 +76,8 @@ def test_tpu_pod_dry_run_prints_every_step_and_deletes_last(capsys):
   assert shlex.split(train[-1]) == [
       "cd", "mnv4-distill", "&&", "TPU_LOAD_LIBRARY=0", "python3", "-m", "mnv4_train.main",
       "--gin_file=conv_l_distill.gin", "--workdir=gs://b/run",
-      '--gin_bindings=train.distribution="tpu"', '--gin_bindings=train.tpu="t1"',
-      "--gin_bindings=train.steps=10"]
+      '--gin_bindings=runtime.distribution="tpu"', '--gin_bindings=runtime.tpu="t1"',
+      "--gin_bindings=schedule.train_steps=10"]
   assert delete == [*GCLOUD_TPU, "delete", "t1", *where, "--quiet"]
 
 
@@ -95,7 +95,7 @@ def test_tpu_single_host_runs_locally_with_the_pjrt_plugin(capsys):
   remote = shlex.split(train[-1])
   assert remote[3:5] == ["NEXT_PLUGGABLE_DEVICE_USE_C_API=true",
                          "TF_PLUGGABLE_DEVICE_LIBRARY_PATH=/lib/libtpu.so"]
-  assert '--gin_bindings=train.tpu="local"' in remote
+  assert '--gin_bindings=runtime.tpu="local"' in remote
 
 
 def test_tpu_keep_skips_the_delete_and_says_how(capsys):
@@ -112,7 +112,7 @@ def test_tpu_keep_skips_the_delete_and_says_how(capsys):
 @pytest.mark.parametrize("argv, needles", [
     (["--accelerator_type", "v4-32", "--workdir", "/tmp/run"], ["--workdir /tmp/run", "gs://"]),
     (["--accelerator_type", "tpu32"], ["--accelerator_type tpu32"]),
-    (["--accelerator_type", "v4-32", "--gin_bindings", "train.tpu='x'"], ["train.tpu"]),
+    (["--accelerator_type", "v4-32", "--gin_bindings", "runtime.tpu='x'"], ["runtime.tpu"]),
 ])
 def test_tpu_user_mistakes_are_one_line(argv, needles, capsys):
   code, out, err = _run_main(tpu_pod.main, [*TPU_ARGS, *argv, "--dry_run"], capsys)
@@ -232,7 +232,7 @@ def test_dataflow_user_mistakes_are_one_line(argv, needles, capsys):
 # ---- multi-host GPU cluster ---------------------------------------------------------------------
 
 GPU_ARGS = ["--gin_file", "conv_m_distill.gin", "--workdir", "gs://b/run",
-            "--gin_bindings", "train.steps=5"]
+            "--gin_bindings", "schedule.train_steps=5"]
 
 
 def _tf_config(assignment: str) -> dict:
@@ -252,8 +252,8 @@ def test_gpu_cluster_gives_each_worker_its_tf_config(capsys):
                                       "task": {"type": "worker", "index": i}}
     assert command[1:] == [PY, "-m", "mnv4_train.main", "--gin_file=conv_m_distill.gin",
                            "--workdir=gs://b/run",
-                           '--gin_bindings=train.distribution="multiworker"',
-                           "--gin_bindings=train.steps=5"]
+                           '--gin_bindings=runtime.distribution="multiworker"',
+                           "--gin_bindings=schedule.train_steps=5"]
   assert out.splitlines()[0].startswith("$ TF_CONFIG='{\"cluster\":{\"worker\":[\"h1:2222\"")
 
 
@@ -295,8 +295,8 @@ def test_gpu_cluster_runs_workers_locally_with_prefixed_output(tmp_path, capsys)
     assert len(started) == 1
     assert _tf_config("TF_CONFIG=" + started[0].split("started ", 1)[1])["task"]["index"] == i
     assert (f'[worker {i}] args -m mnv4_train.main --gin_file=conv_m_distill.gin '
-            f'--workdir=gs://b/run --gin_bindings=train.distribution="multiworker" '
-            f'--gin_bindings=train.steps=5') in out.splitlines()
+            f'--workdir=gs://b/run --gin_bindings=runtime.distribution="multiworker" '
+            f'--gin_bindings=schedule.train_steps=5') in out.splitlines()
 
 
 def test_gpu_cluster_fails_when_one_worker_fails(tmp_path, capsys):
@@ -311,7 +311,7 @@ def test_gpu_cluster_fails_when_one_worker_fails(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needles", [
     (["--hosts", "localhost,localhost"], ["localhost:2222", "host:port"]),
     (["--hosts", "h1,h2:x"], ["'h2:x'"]),
-    (["--hosts", "h1", "--gin_bindings", "train.distribution='gpu'"], ["train.distribution"]),
+    (["--hosts", "h1", "--gin_bindings", "runtime.distribution='gpu'"], ["runtime.distribution"]),
 ])
 def test_gpu_cluster_user_mistakes_are_one_line(argv, needles, capsys):
   code, out, err = _run_main(gpu_cluster.main, [*argv, *GPU_ARGS, "--dry_run"], capsys)

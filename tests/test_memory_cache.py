@@ -1,4 +1,4 @@
-"""`train.memory_cache`: one small source dataset decoded once, batches gathered (issue 12)."""
+"""`data.memory_cache`: one small source dataset decoded once, batches gathered (issue 12)."""
 
 import json
 import os
@@ -158,18 +158,18 @@ def test_inputs_it_cannot_hold_stop_with_a_config_error(source_shards, distill_r
 
 def test_a_cached_label_only_run_trains_and_resumes(source_shards, tmp_path):
   work = str(tmp_path / "cached")
-  bindings = [f"train.datasets={{'a': '{source_shards[0]}'}}", "train.teacher='none'",
-              "train.distill_weight=0.0", "train.label_weight=1.0", "train.memory_cache=True",
-              "train.crop_area_min=1.0", "train.augment_layers=0", "train.flip=True"]
-  _main(work, *bindings, "train.stop_after_steps=2", "train.checkpoint_every=2")
+  bindings = [f"data.datasets={{'a': '{source_shards[0]}'}}", "loss.teacher='none'",
+              "loss.distill_weight=0.0", "loss.label_weight=1.0", "data.memory_cache=True",
+              "augment.crop_area_min=1.0", "augment.layers=0", "augment.flip=True"]
+  _main(work, *bindings, "cadence.stop_after_steps=2", "cadence.checkpoint_every=2")
   _main(work, *bindings)
   metrics = json.load(open(os.path.join(work, "metrics.json")))
   assert metrics["finished"] and metrics["step"] == 3
   assert [h["step"] for h in _history(work)] == [1, 2, 3]
   assert all(np.isfinite(h["loss"]) for h in _history(work))
   # With RandAugment on, the run stops with one line naming the setting.
-  proc = _main(str(tmp_path / "bad"), *bindings[:-3], "train.augment_layers=2", check=False)
-  assert proc.returncode == 2 and "train.memory_cache" in proc.stderr
+  proc = _main(str(tmp_path / "bad"), *bindings[:-3], "augment.layers=2", check=False)
+  assert proc.returncode == 2 and "data.memory_cache" in proc.stderr
   assert "Traceback" not in proc.stderr
 
 

@@ -268,6 +268,34 @@ def test_an_export_to_a_full_disk_says_so_in_one_line_and_leaves_nothing(teacher
     assert os.listdir(disk) == []
 
 
+@needs_root
+def test_a_checkpoint_on_a_full_disk_is_one_line_keeps_the_last_one_and_resumes(source_shards,
+                                                                                tmp_path):
+  """A 7 MB disk holds the tiny student's step-2 checkpoint (5 MB) but not its step-4 one."""
+  with small_disk(tmp_path / "disk", "7m") as disk:
+    workdir = os.path.join(disk, "run")
+    args = ["mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}",
+            f"--gin_bindings=data.datasets={{'digits': '{source_shards[0]}'}}",
+            "--gin_bindings=schedule.train_steps=4", "--gin_bindings=cadence.checkpoint_every=2",
+            "--gin_bindings=loss.teacher='none'", "--gin_bindings=loss.label_weight=1.0",
+            "--gin_bindings=loss.distill_weight=0.0"]
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if "error" in l.lower() or "Trace" in l]
+    assert len(errors) == 1 and "no space left on the device of" in errors[0], errors
+    ckpts = os.path.join(workdir, "checkpoints")
+    assert sorted(n for n in os.listdir(ckpts) if n.startswith("ckpt-")) == [
+        "ckpt-2.data-00000-of-00001", "ckpt-2.index"]  # step 4's half-written save is gone
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    assert not os.path.exists(os.path.join(workdir, ownership.OWNER))
+    # Space freed (the disk grown), the same command continues from step 2 and finishes.
+    subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "ckpt-2" in again.stderr, again.stderr
+    assert json.load(open(os.path.join(workdir, "metrics.json")))["step"] == 4
+
+
 def test_export_refuses_an_out_that_is_not_a_finished_export(teacher_path, tmp_path, capsys):
   from mnv4_train import export
   mine = tmp_path / "mine"
@@ -307,10 +335,10 @@ def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_first(distill_re
     owner = {**ownership.me("mnv4_train.main ..."), "pid": holder.pid,
              "process_start": ownership._process_start(holder.pid)}  # pylint: disable=protected-access
     (workdir / ownership.OWNER).write_text(json.dumps(owner))
-    data = f"train.datasets={{'d1': '{distill_records['d1']}'}}"
+    data = f"data.datasets={{'d1': '{distill_records['d1']}'}}"
     proc = subprocess.run([sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin",
                            f"--workdir={workdir}", f"--gin_bindings={data}",
-                           "--gin_bindings=train.train_steps=2"], cwd=REPO,
+                           "--gin_bindings=schedule.train_steps=2"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
@@ -321,7 +349,7 @@ def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_first(distill_re
     proc = subprocess.run([sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin",
                            f"--workdir={inside}", f"--gin_bindings={data}"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 2 and "lies inside the input train.datasets['d1']" in proc.stderr
+    assert proc.returncode == 2 and "lies inside the input data.datasets['d1']" in proc.stderr
     assert not os.path.exists(inside)
   finally:
     holder.kill()

@@ -1,7 +1,7 @@
 """Training: the loss against NumPy, the replayed input, mixing, resume, multi-worker, errors."""
 
+import dataclasses
 import glob
-import inspect
 import json
 import os
 import re
@@ -259,26 +259,29 @@ def test_ema_weights_are_evaluated_and_exported_under_float16_loss_scaling(
   from mnv4_train import train as train_lib
   work = str(tmp_path / "run")
   lr, steps = 0.01, 10
-  args = dict(
-      model="conv_s", datasets={"d1": distill_records["d1"]}, eval_data=source_shards[0],
+  groups = dict(
+      data=train_lib.DataConfig(datasets={"d1": distill_records["d1"]},
+                                eval_data=source_shards[0], eval_batch_size=50, eval_crop=1.0),
       # BatchNorm's moving statistics are the last batch's: eval-mode outputs then depend on
       # the weights after 10 steps (with a slower momentum every image gets the same class).
-      model_options={"width": 0.25, "bn_momentum": 0.0}, resolution=32, train_steps=steps,
-      global_batch_size=8, warmup_steps=0, learning_rate=lr, weight_decay=0.0, ema_decay=0.5,
-      mixed_precision="mixed_float16", steps_per_loop=2, log_every=2, checkpoint_every=steps,
-      eval_batch_size=50, eval_crop=1.0)
-  half = train_lib.train(work, stop_after_steps=4, **args)
+      student=train_lib.StudentConfig(model="conv_s", resolution=32,
+                                      options={"width": 0.25, "bn_momentum": 0.0}),
+      schedule=train_lib.ScheduleConfig(train_steps=steps, global_batch_size=8, warmup_steps=0,
+                                        learning_rate=lr),
+      optimizer=train_lib.OptimizerConfig(weight_decay=0.0, ema_decay=0.5),
+      runtime=train_lib.RuntimeConfig(mixed_precision="mixed_float16"))
+  cadence = train_lib.CadenceConfig(steps_per_loop=2, log_every=2, checkpoint_every=steps)
+  half = train_lib.train(work, cadence=dataclasses.replace(cadence, stop_after_steps=4),
+                         **groups)
   assert not half["finished"] and half["step"] == 4
-  result = train_lib.train(work, **args)
+  result = train_lib.train(work, cadence=cadence, **groups)
   assert result["finished"] and result["step"] == steps
   assert [h["step"] for h in _history(work)] == [2, 4, 6, 8, 10]
   assert keras.mixed_precision.dtype_policy().name == "mixed_float16"
   # The run's final state, from its checkpoint: raw weights and the inner optimizer's averages.
-  defaults = {name: p.default for name, p in
-              list(inspect.signature(train_lib.train).parameters.items())[1:]}
-  settings = train_lib.Settings(workdir=work, **{**defaults, **args})
+  config = train_lib.Config.make(work, cadence=cadence, **groups)
   student = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.0, resolution=32)
-  optimizer = train_lib.build_optimizer(settings, student, steps, "mixed_float16")
+  optimizer = train_lib.build_optimizer(config, student, steps, "mixed_float16")
   assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and not optimizer.use_ema
   tf.train.Checkpoint(model=student, optimizer=optimizer).restore(
       os.path.join(work, "checkpoints", f"ckpt-{steps}")).assert_existing_objects_matched()
@@ -323,8 +326,8 @@ def _history(workdir):
 def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, distill_records,
                                                             tmp_path):
   work = str(tmp_path / "run")
-  proc = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}",
-               f"train.eval_data='{source_shards[0]}'")
+  proc = _main(work, f"data.datasets={{'d1': '{distill_records['d1']}'}}",
+               f"data.eval_data='{source_shards[0]}'")
   assert "top1" in proc.stdout
   metrics = json.load(open(os.path.join(work, "metrics.json")))
   assert metrics["finished"] and metrics["step"] == 3 and metrics["examples"] == 200
@@ -333,21 +336,21 @@ def test_smoke_run_trains_evaluates_exports_and_draws_curves(source_shards, dist
   assert student.output_shape == (None, 10)
   with open(os.path.join(work, "curves.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert "train.model = 'conv_s'" in open(os.path.join(work, "operative_config.gin")).read()
+  assert "student.model = 'conv_s'" in open(os.path.join(work, "operative_config.gin")).read()
   # Finished runs are not trained again: the same command returns at once.
-  again = _main(work, f"train.datasets={{'d1': '{distill_records['d1']}'}}")
+  again = _main(work, f"data.datasets={{'d1': '{distill_records['d1']}'}}")
   assert "step 3" in again.stdout and len(_history(work)) == 3
 
 
 def test_a_label_only_run_with_mixup_warmup_epochs_and_ema_trains_and_resumes(source_shards,
                                                                              tmp_path):
   work = str(tmp_path / "mix")
-  bindings = [f"train.datasets={{'a': '{source_shards[0]}'}}", "train.teacher='none'",
-              "train.distill_weight=0.0", "train.label_weight=1.0", "train.mixup_alpha=0.8",
-              "train.cutmix_alpha=1.0", "train.mix_prob=1.0", "train.warmup_epochs=0.08",
-              "train.ema_decay=0.9", "train.augment_exclude_ops=['Cutout']",
-              "train.augment_prob_to_apply=0.5"]
-  _main(work, *bindings, "train.stop_after_steps=2", "train.checkpoint_every=2")
+  bindings = [f"data.datasets={{'a': '{source_shards[0]}'}}", "loss.teacher='none'",
+              "loss.distill_weight=0.0", "loss.label_weight=1.0", "augment.mixup_alpha=0.8",
+              "augment.cutmix_alpha=1.0", "augment.mix_prob=1.0", "schedule.warmup_epochs=0.08",
+              "optimizer.ema_decay=0.9", "augment.exclude_ops=['Cutout']",
+              "augment.prob_to_apply=0.5"]
+  _main(work, *bindings, "cadence.stop_after_steps=2", "cadence.checkpoint_every=2")
   _main(work, *bindings)
   metrics = json.load(open(os.path.join(work, "metrics.json")))
   assert metrics["finished"] and metrics["step"] == 3
@@ -356,7 +359,7 @@ def test_a_label_only_run_with_mixup_warmup_epochs_and_ema_trains_and_resumes(so
   rates = [h["learning_rate"] for h in _history(work)]
   assert rates[0] < rates[1] and rates[1] == pytest.approx(0.001, rel=1e-3)
   # Mixup is for label-only runs: with a teacher it stops with one line.
-  proc = _main(str(tmp_path / "bad"), *bindings[:1], "train.mixup_alpha=0.8", check=False)
+  proc = _main(str(tmp_path / "bad"), *bindings[:1], "augment.mixup_alpha=0.8", check=False)
   assert proc.returncode == 2 and "label-only" in proc.stderr
 
 
@@ -369,11 +372,11 @@ CHATTER = re.compile(r"resource_reader|Path not found|^I\d{4} |^INFO:|functional
 def test_the_console_shows_progress_and_no_library_chatter(source_shards, tmp_path):
   # digits_student.gin includes digits_base.gin: gin's include lookup is what printed
   # "E... resource_reader.py: Path not found: digits_base.gin" before.
-  bindings = [f"train.datasets={{'digits': '{source_shards[0]}'}}",
-              f"train.eval_data='{source_shards[0]}'", "train.train_steps=2",
-              "train.global_batch_size=16", "train.log_every=1", "train.steps_per_loop=1",
-              "train.checkpoint_every=2", "train.eval_every=1",
-              "train.model_options={'width': 0.25, 'bn_momentum': 0.9}"]
+  bindings = [f"data.datasets={{'digits': '{source_shards[0]}'}}",
+              f"data.eval_data='{source_shards[0]}'", "schedule.train_steps=2",
+              "schedule.global_batch_size=16", "cadence.log_every=1", "cadence.steps_per_loop=1",
+              "cadence.checkpoint_every=2", "cadence.eval_every=1",
+              "student.options={'width': 0.25, 'bn_momentum': 0.9}"]
   proc = _main(tmp_path / "quiet", *bindings, gin_file="digits_student.gin")
   assert not CHATTER.search(proc.stderr + proc.stdout), proc.stderr
   lines = proc.stderr.splitlines()
@@ -391,8 +394,8 @@ def test_the_console_shows_progress_and_no_library_chatter(source_shards, tmp_pa
   assert proc.stdout.startswith("mnv4_train.main: step 2, train_steps 2, finished True")
 
   # --verbose brings the libraries' INFO lines back (the absl format, ours among them).
-  loud = _main(tmp_path / "loud", *bindings[:2], "train.train_steps=1",
-               "train.global_batch_size=16", gin_file="digits_student.gin", flags=["--verbose"])
+  loud = _main(tmp_path / "loud", *bindings[:2], "schedule.train_steps=1",
+               "schedule.global_batch_size=16", gin_file="digits_student.gin", flags=["--verbose"])
   assert re.search(r"^I\d{4} .*\] step 1/1 \(100%\)", loud.stderr, re.MULTILINE), loud.stderr
   assert re.search(r"^I\d{4} .*(functional_saver|checkpoint)", loud.stderr, re.MULTILINE)
 
@@ -420,7 +423,7 @@ def test_the_gin_files_ship_in_the_wheel_and_are_found_installed(tmp_path):
   zipfile.ZipFile(wheel).extractall(site)
   script = ("import gin\nfrom mnv4_train import main\nprint(main.GIN_DIR)\n"
             "main.parse_gin(['digits_distill'], [])\n"
-            "print(gin.query_parameter('train.eval_data'))\n")
+            "print(gin.query_parameter('data.eval_data'))\n")
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)), check=True)
   gin_dir, eval_data = out.stdout.split()
@@ -507,15 +510,16 @@ def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_data(distill_record
   early, at the step it is in, not after 24), SIGINT (Ctrl-C) between and during one-step
   loops, then SIGKILL (no chance to save: the resume goes back to the last checkpoint).
   """
-  data = f"train.datasets={{'d1': '{distill_records['d1']}', 'd2': '{distill_records['d2']}'}}"
-  common = [data, "train.train_steps=24", "train.checkpoint_every=6", "train.op_determinism=True"]
+  data = f"data.datasets={{'d1': '{distill_records['d1']}', 'd2': '{distill_records['d2']}'}}"
+  common = [data, "schedule.train_steps=24", "cadence.checkpoint_every=6",
+            "runtime.op_determinism=True"]
   straight = str(tmp_path / "straight")
   _main(straight, *common)
   stopped = str(tmp_path / "stopped")
 
   # SIGTERM once the run has started (its signal handling is on): the 24-step loop stops early.
-  proc = _start(stopped, *common, "train.steps_per_loop=24", "train.log_every=24",
-                "train.checkpoint_every=24")
+  proc = _start(stopped, *common, "cadence.steps_per_loop=24", "cadence.log_every=24",
+                "cadence.checkpoint_every=24")
   _wait_for_start_line(proc)
   first = _stopped_at(*_signal_and_wait(proc, signal.SIGTERM), signal.SIGTERM, stopped)
   assert 1 <= first < 24
@@ -554,7 +558,7 @@ def _free_ports(n):
 def _start_workers(workdir, bindings, count=2):
   """`count` workers of one MultiWorkerMirroredStrategy run, on free local ports."""
   cluster = {"worker": [f"localhost:{p}" for p in _free_ports(count)]}
-  return [_start(workdir, *bindings, "train.distribution='multiworker'",
+  return [_start(workdir, *bindings, "runtime.distribution='multiworker'",
                  env=dict(os.environ, TF_CONFIG=json.dumps(
                      {"cluster": cluster, "task": {"type": "worker", "index": index}})))
           for index in range(count)]
@@ -576,11 +580,11 @@ def test_two_workers_train_like_one_worker_with_two_replicas(distill_records, tm
   """Two workers against one process with two replicas, the workers preempted on the way: a
   SIGTERM to worker 1 alone stops both after the same step, both save it, and the resumed
   workers finish with the one process's losses."""
-  common = [f"train.datasets={{'d1': '{distill_records['d1']}'}}", "train.train_steps=6",
-            "train.global_batch_size=16", "train.shard_policy='data'",
-            "train.op_determinism=True"]
+  common = [f"data.datasets={{'d1': '{distill_records['d1']}'}}", "schedule.train_steps=6",
+            "schedule.global_batch_size=16", "data.shard_policy='data'",
+            "runtime.op_determinism=True"]
   one = str(tmp_path / "one")
-  _main(one, *common, "train.cpu_replicas=2")
+  _main(one, *common, "runtime.cpu_replicas=2")
   two = str(tmp_path / "two")
   procs = _start_workers(two, common)
   _wait_for_start_line(procs[1])  # worker 1 takes signals from here on
@@ -617,12 +621,26 @@ def _one_line_error(proc, *needles):
 
 
 def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp_path):
-  data = f"train.datasets={{'d1': '{distill_records['d1']}'}}"
+  data = f"data.datasets={{'d1': '{distill_records['d1']}'}}"
   _one_line_error(_main(tmp_path / "a", data, gin_file="nope.gin", check=False),
                   "unknown gin file 'nope.gin'", "smoke.gin")
-  _one_line_error(_main(tmp_path / "b", data, "train.no_such_arg=1", check=False),
+  _one_line_error(_main(tmp_path / "b", data, "schedule.no_such_arg=1", check=False),
                   "bad gin binding")
-  _one_line_error(_main(tmp_path / "c", "train.model='conv_s'", check=False),
+  # The flat names of before the groups: one line with every old name's new one, from a
+  # binding or a gin file (its includes too).
+  _one_line_error(_main(tmp_path / "b", data, "train.train_steps=2", "train.no_such_arg=1",
+                        check=False),
+                  "--gin_bindings: train.train_steps is now schedule.train_steps; "
+                  "train.no_such_arg is no setting (the settings are in groups now: data, "
+                  "augment, student, loss, schedule, optimizer, cadence, runtime; see "
+                  "mnv4_train/train.py)")
+  old = tmp_path / "old.gin"
+  (tmp_path / "old_base.gin").write_text("train.data_root = None\ntrain.model_options = {}\n")
+  old.write_text("include 'old_base.gin'\n")
+  _one_line_error(_main(tmp_path / "b", data, gin_file=str(old), check=False),
+                  f"gin file {tmp_path / 'old_base.gin'}: train.data_root is now data.root; "
+                  "train.model_options is now student.options")
+  _one_line_error(_main(tmp_path / "c", "student.model='conv_s'", check=False),
                   "datasets")
   # A workdir that cannot be written: read-only for a normal user; a path under a regular file
   # even for root (this machine's tests run as root, which writes anywhere).
@@ -633,14 +651,15 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp
     _one_line_error(_main(locked / "run", data, check=False), "not writable")
   (tmp_path / "afile").write_text("x")
   _one_line_error(_main(tmp_path / "afile" / "run", data, check=False), "not writable")
-  _one_line_error(_main(tmp_path / "d", data, "train.num_classes=7", check=False),
+  _one_line_error(_main(tmp_path / "d", data, "student.num_classes=7", check=False),
                   "'d1'", "10 classes", "7")
   # A NaN loss: stop, keep the last good checkpoint. Two good steps (checkpointed), then the
   # same run resumed with an absurd learning rate.
   nan = str(tmp_path / "nan")
-  _main(nan, data, "train.train_steps=6", "train.checkpoint_every=2", "train.stop_after_steps=2")
-  proc = _main(nan, data, "train.train_steps=6", "train.checkpoint_every=2",
-               "train.learning_rate=1e30", "train.warmup_steps=0", check=False)
+  _main(nan, data, "schedule.train_steps=6", "cadence.checkpoint_every=2",
+        "cadence.stop_after_steps=2")
+  proc = _main(nan, data, "schedule.train_steps=6", "cadence.checkpoint_every=2",
+               "schedule.learning_rate=1e30", "schedule.warmup_steps=0", check=False)
   line = _one_line_error(proc, "the loss became", "last good checkpoint")
   assert line.endswith("check the teacher logits") and "ckpt-2" in line
   kept = sorted(f for f in os.listdir(os.path.join(nan, "checkpoints")) if f.endswith(".index"))
@@ -650,35 +669,35 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp
 def test_recipes_regularise_as_the_paper_and_the_model_garden():
   """Distillation: dropout only (Appendix H), per-variant warmup; supervised: the yamls'."""
   import gin
-  from mnv4_train import main, train  # noqa: F401  registers `train`
+  from mnv4_train import main, train  # noqa: F401  registers the groups
 
   def query(name, *keys):
     gin.clear_config()
     gin.add_config_file_search_path(main.GIN_DIR)
     gin.parse_config_file(main.resolve_gin_file(name))
-    return {k: gin.query_parameter(f"train.{k}") for k in keys}
+    return {k: gin.query_parameter(k) for k in keys}
   warmup = {"conv_s": 5.0, "conv_m": 5.0, "conv_l": 20.0, "hybrid_m": 20.0, "hybrid_l": 20.0}
   for model, epochs in warmup.items():
-    got = query(f"{model}_distill.gin", "model_options", "warmup_epochs", "epochs",
-                "ema_start_step")
-    assert set(got["model_options"]) - {"bn_momentum", "bn_epsilon"} == {"dropout"}, model
-    assert got["warmup_epochs"] == epochs and got["epochs"] == 2000
-    assert got["ema_start_step"] is None  # the warmup's end
+    got = query(f"{model}_distill.gin", "student.options", "schedule.warmup_epochs",
+                "schedule.epochs", "optimizer.ema_start_step")
+    assert set(got["student.options"]) - {"bn_momentum", "bn_epsilon"} == {"dropout"}, model
+    assert got["schedule.warmup_epochs"] == epochs and got["schedule.epochs"] == 2000
+    assert got["optimizer.ema_start_step"] is None  # the warmup's end
   yamls = {  # imagenet_mobilenetv4_*_tpu.yaml + common.py defaults
       "conv_s": (9.0, 20.0, 20.0, 0.5, 0.0), "conv_m": (15.0, 10.0, 20.0, 0.7, 0.0),
       "conv_l": (15.0, 10.0, 40.0, None, 0.2), "hybrid_m": (15.0, 10.0, 20.0, 0.7, 0.0),
       "hybrid_l": (15.0, 10.0, 40.0, None, 0.3)}
-  keys = ("augment_magnitude", "augment_translate_const", "augment_cutout_const",
-          "augment_prob_to_apply")
+  keys = ("augment.magnitude", "augment.translate_const", "augment.cutout_const",
+          "augment.prob_to_apply")
   for model, want in yamls.items():
-    got = query(f"{model}_imagenet.gin", *keys, "augment_exclude_ops")
+    got = query(f"{model}_imagenet.gin", *keys, "augment.exclude_ops")
     assert tuple(got[k] for k in keys) == want[:4], model
-    assert list(got["augment_exclude_ops"]) == ["Cutout"]
+    assert list(got["augment.exclude_ops"]) == ["Cutout"]
     gin.clear_config()
     gin.add_config_file_search_path(main.GIN_DIR)
     gin.parse_config_file(main.resolve_gin_file(f"{model}_imagenet.gin"))
     try:
-      mix = gin.query_parameter("train.mix_prob")
+      mix = gin.query_parameter("augment.mix_prob")
     except ValueError:
       mix = 0.0
     assert mix == want[4], model
@@ -687,7 +706,7 @@ def test_recipes_regularise_as_the_paper_and_the_model_garden():
 
 def test_every_gin_file_parses_and_sets_a_known_model():
   import gin
-  from mnv4_train import main, train  # noqa: F401  registers `train`
+  from mnv4_train import main, train  # noqa: F401  registers the groups
   names = main.available_gin_files()
   for required in ("conv_s_distill.gin", "conv_m_distill.gin", "conv_l_distill.gin",
                    "hybrid_m_distill.gin", "hybrid_l_distill.gin", "smoke.gin"):
@@ -698,11 +717,11 @@ def test_every_gin_file_parses_and_sets_a_known_model():
     gin.parse_config_file(main.resolve_gin_file(name))
     if name.endswith("_base.gin"):  # included by the others
       continue
-    model = gin.query_parameter("train.model")
+    model = gin.query_parameter("student.model")
     assert model in models.MODEL_NAMES, (name, model)
     if name.endswith("_distill.gin") and not name.startswith("digits"):
-      assert gin.query_parameter("train.teacher") == "records"
-      assert set(gin.query_parameter("train.datasets")) == {"d1", "d2", "d3"}
+      assert gin.query_parameter("loss.teacher") == "records"
+      assert set(gin.query_parameter("data.datasets")) == {"d1", "d2", "d3"}
       if not name.startswith("fashion"):  # the local Fashion-MNIST job trains at 32x32
-        assert gin.query_parameter("train.resolution") == models.canonical_resolution(model)
+        assert gin.query_parameter("student.resolution") == models.canonical_resolution(model)
   gin.clear_config()

@@ -150,8 +150,8 @@ def _error_line(proc):
 def test_a_damaged_record_file_stops_the_run_with_one_line_and_keeps_its_checkpoints(data,
                                                                                    tmp_path):
   work = str(tmp_path / "run")
-  bindings = [f"train.datasets={{'d1': '{data['d1']}'}}", "train.checkpoint_every=1"]
-  good = _main(work, *bindings, "train.stop_after_steps=2")
+  bindings = [f"data.datasets={{'d1': '{data['d1']}'}}", "cadence.checkpoint_every=1"]
+  good = _main(work, *bindings, "cadence.stop_after_steps=2")
   assert good.returncode == 0, good.stderr[-3000:]
   checkpoints = os.path.join(work, "checkpoints")
   saved = _snapshot(checkpoints)

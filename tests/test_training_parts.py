@@ -1,5 +1,6 @@
 """The trainer's parts on their own: cadence, named sums, metric writer, checkpointer, gin."""
 
+import dataclasses
 import inspect
 import os
 
@@ -45,7 +46,7 @@ def test_cadence_of_a_stopped_invocation_logs_and_checkpoints_where_it_stops():
 
 
 def test_cadence_refuses_a_zero_interval():
-  with pytest.raises(ConfigError, match="train.log_every must be >= 1"):
+  with pytest.raises(ConfigError, match="cadence.log_every must be >= 1"):
     Cadence(train_steps=10, stop_at=10, log_every=0)
 
 
@@ -165,38 +166,61 @@ def test_checkpointer_restores_weights_optimizer_and_input_position(tmp_path):
 
 # ---- the gin surface --------------------------------------------------------------------------
 
-# Every argument of the gin entry point with its default, as users' gin files and
-# --gin_bindings know them: a rename or a changed default breaks their runs.
+# Every setting with its default, by binding name, as users' gin files and --gin_bindings know
+# them: a rename or a changed default breaks their runs.
 GIN_SURFACE = {
-    "model": "REQUIRED", "datasets": "REQUIRED", "weights": None, "weight_schedule": None,
-    "eval_data": None, "data_root": None, "model_options": None, "num_classes": None,
-    "resolution": None, "teacher": "records", "teacher_model": None, "temperature": 1.0,
-    "distill_weight": 1.0, "label_weight": 0.0, "label_smoothing": 0.0, "augment_layers": 2,
-    "augment_magnitude": 9.0, "augment_translate_const": 10.0, "augment_cutout_const": 40.0,
-    "augment_prob_to_apply": None, "augment_exclude_ops": (), "mixup_alpha": 0.0,
-    "cutmix_alpha": 0.0, "mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_label_smoothing": 0.1,
-    "crop_area_min": 0.08, "flip": True, "global_batch_size": 256,
-    "epochs": None, "train_steps": None, "examples_per_epoch": None, "learning_rate": 0.004,
-    "warmup_steps": 1560, "warmup_epochs": None, "end_learning_rate": 0.0, "weight_decay": 0.1, "beta_1": 0.9,
-    "beta_2": 0.999, "epsilon": 1e-7, "clipnorm": None, "l2_regularization": 0.0,
-    "ema_decay": None, "ema_start_step": None, "distribution": "cpu", "tpu": "local", "cpu_replicas": 1,
-    "mixed_precision": "auto", "steps_per_loop": 100, "log_every": 100,
-    "checkpoint_every": 1000, "eval_every": None, "keep_checkpoints": 3,
-    "eval_batch_size": 256, "eval_crop": 0.875, "seed": 0, "deterministic": True,
-    "shard_policy": "auto", "shuffle": True, "cycle_length": 16, "memory_cache": False,
-    "stop_after_steps": None, "op_determinism": False,
+    "data.datasets": "REQUIRED", "data.weights": None, "data.weight_schedule": None,
+    "data.root": None, "data.eval_data": None, "data.eval_crop": 0.875,
+    "data.eval_batch_size": 256, "data.shuffle": True, "data.cycle_length": 16,
+    "data.shard_policy": "auto", "data.deterministic": True, "data.memory_cache": False,
+    "augment.crop_area_min": 0.08, "augment.flip": True, "augment.layers": 2,
+    "augment.magnitude": 9.0, "augment.translate_const": 10.0, "augment.cutout_const": 40.0,
+    "augment.prob_to_apply": None, "augment.exclude_ops": (), "augment.mixup_alpha": 0.0,
+    "augment.cutmix_alpha": 0.0, "augment.mix_prob": 1.0, "augment.mix_switch_prob": 0.5,
+    "augment.mix_label_smoothing": 0.1,
+    "student.model": "REQUIRED", "student.options": None, "student.num_classes": None,
+    "student.resolution": None,
+    "loss.teacher": "records", "loss.teacher_model": None, "loss.temperature": 1.0,
+    "loss.distill_weight": 1.0, "loss.label_weight": 0.0, "loss.label_smoothing": 0.0,
+    "schedule.global_batch_size": 256, "schedule.epochs": None, "schedule.train_steps": None,
+    "schedule.examples_per_epoch": None, "schedule.learning_rate": 0.004,
+    "schedule.warmup_steps": 1560, "schedule.warmup_epochs": None,
+    "schedule.end_learning_rate": 0.0,
+    "optimizer.weight_decay": 0.1, "optimizer.beta_1": 0.9, "optimizer.beta_2": 0.999,
+    "optimizer.epsilon": 1e-7, "optimizer.clipnorm": None, "optimizer.l2_regularization": 0.0,
+    "optimizer.ema_decay": None, "optimizer.ema_start_step": None,
+    "cadence.steps_per_loop": 100, "cadence.log_every": 100, "cadence.checkpoint_every": 1000,
+    "cadence.eval_every": None, "cadence.keep_checkpoints": 3, "cadence.stop_after_steps": None,
+    "runtime.distribution": "cpu", "runtime.tpu": "local", "runtime.cpu_replicas": 1,
+    "runtime.mixed_precision": "auto", "runtime.seed": 0, "runtime.op_determinism": False,
 }
 
 
-def test_the_gin_entry_point_keeps_every_argument_and_default():
+def test_the_settings_keep_every_binding_and_default():
   import gin
-  params = inspect.signature(train.train).parameters
-  assert list(params)[0] == "workdir"
-  got = {name: ("REQUIRED" if p.default is gin.REQUIRED else p.default)
-         for name, p in list(params.items())[1:]}
+  got = {f"{name}.{field.name}": "REQUIRED" if field.default is gin.REQUIRED else field.default
+         for name, group in train.GROUPS.items() for field in dataclasses.fields(group)}
   assert got == GIN_SURFACE
-  # `Settings` carries every argument by name into the parts.
-  assert [f.name for f in train.dataclasses.fields(train.Settings)] == list(params)
+  # `train` takes the workdir and the groups, which `Config` carries into the parts.
+  assert list(inspect.signature(train.train).parameters) == ["workdir", *train.GROUPS]
+  assert [f.name for f in dataclasses.fields(train.Config)] == ["workdir", *train.GROUPS]
+  # Each old flat `train.X` name has one new binding, and every setting one old name.
+  assert len(train.RENAMED) == len(GIN_SURFACE)
+  assert sorted(train.RENAMED.values()) == sorted(GIN_SURFACE)
+  assert train.RENAMED["data_root"] == "data.root"
+  assert train.RENAMED["augment_layers"] == "augment.layers"
+  # Gin makes each group from its bindings; a group given to `train` is taken as it is.
+  gin.clear_config()
+  try:
+    gin.parse_config("schedule.train_steps = 7\ndata.datasets = {'a': '/a'}\n"
+                     "student.model = 'conv_s'")
+    config = train.Config.make("/w", cadence=train.CadenceConfig(log_every=3))
+    assert config.schedule.train_steps == 7 and config.data.datasets == {"a": "/a"}
+    assert config.cadence.log_every == 3 and config.schedule.learning_rate == 0.004
+    with pytest.raises(TypeError, match="no settings group"):
+      train.Config.make("/w", schedul=train.ScheduleConfig())
+  finally:
+    gin.clear_config()
 
 
 # ---- optimizer: EMA start, extra L2 -----------------------------------------------------------
@@ -250,13 +274,17 @@ def test_extra_l2_skips_depthwise_kernels():
 
 def test_warmup_epochs_become_steps_and_the_ema_starts_at_the_warmup_end(source_shards,
                                                                          tmp_path):
-  params = inspect.signature(train.train).parameters
-  base = {name: (None if p.default is inspect.Parameter.empty else p.default)
-          for name, p in params.items()}
-  base.update(workdir=str(tmp_path), model="conv_s", datasets={"a": source_shards[0]},
-              teacher="none", label_weight=1.0, global_batch_size=8, epochs=10.0)
-  plan = train.plan_run(train.Settings(**{**base, "warmup_epochs": 0.5}))
-  assert plan.train_steps == 250 and plan.warmup_steps == 13  # ceil(0.5 * 200 / 8)
-  assert plan.ema_start_step == 13
-  plan = train.plan_run(train.Settings(**{**base, "warmup_steps": 7, "ema_start_step": 4}))
-  assert plan.warmup_steps == 7 and plan.ema_start_step == 4
+  def plan(**schedule):
+    return train.plan_run(train.Config.make(
+        str(tmp_path), data=train.DataConfig(datasets={"a": source_shards[0]}),
+        student=train.StudentConfig(model="conv_s"),
+        loss=train.LossConfig(teacher="none", label_weight=1.0),
+        schedule=train.ScheduleConfig(global_batch_size=8, epochs=10.0, **schedule)))
+  got = plan(warmup_epochs=0.5)
+  assert got.train_steps == 250 and got.warmup_steps == 13  # ceil(0.5 * 200 / 8)
+  assert got.ema_start_step == 13
+  got = train.plan_run(dataclasses.replace(
+      got.config, schedule=dataclasses.replace(got.config.schedule, warmup_epochs=None,
+                                               warmup_steps=7),
+      optimizer=train.OptimizerConfig(ema_start_step=4)))
+  assert got.warmup_steps == 7 and got.ema_start_step == 4

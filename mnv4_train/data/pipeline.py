@@ -330,11 +330,10 @@ def _permuted(count, seed, shuffle: bool):
 
 
 def _dense_teacher(ex, num_classes):
-  """Full logits as stored, or top-k logits scattered into -inf (classes the record lacks)."""
+  """Full logits as stored, or top-k logits scattered into -inf (`records.topk_to_dense`)."""
   if "teacher_logits" in ex:
     return ex["teacher_logits"]
-  return tf.tensor_scatter_nd_update(
-      tf.fill([num_classes], float("-inf")), ex["topk_indices"][:, None], ex["topk_values"])
+  return records.topk_to_dense(ex["topk_indices"], ex["topk_values"], num_classes)
 
 
 def _pair_seed(seed, dataset_index, epoch, pair):
@@ -678,8 +677,8 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
   if options.memory_cache:
     problem = memory_cache_problem(datasets, options.supervised_recipe, resolution)
     if problem:
-      raise ConfigError(f"train.memory_cache cannot hold this input: {problem}; set "
-                        "train.memory_cache=False")
+      raise ConfigError(f"data.memory_cache cannot hold this input: {problem}; set "
+                        "data.memory_cache=False")
     ds = _cached_stream(datasets, num_classes, options, resolution, host_batch, num_hosts,
                         host, boundaries, table)
   else:

@@ -206,3 +206,23 @@ def parse_distill(serialized: tf.Tensor, top_k: int = 0) -> dict:
         tf.io.decode_raw(ex.pop("logits"), tf.float16, little_endian=True), tf.float32)
   return ex
 
+
+def topk_to_dense(indices, values, num_classes: int) -> tf.Tensor:
+  """Top-k teacher logits -> dense logits, -inf for the classes the record lacks.
+
+  `indices` (int) and `values` (float) are [..., k], one record's (`parse_distill`'s
+  `topk_indices`, `topk_values`) or a batch's; the result is float32 [..., num_classes]. A
+  -inf is probability 0: the distillation loss (`mnv4_train.kd.kd_loss`) then runs over the k
+  classes the record keeps, renormalised. TensorFlow ops, so it runs inside tf.data.
+  """
+  indices = tf.cast(indices, tf.int32)
+  values = tf.cast(values, tf.float32)
+  shape = tf.shape(indices)
+  rows = tf.reshape(indices, [-1, shape[-1]])  # [n, k]
+  n = tf.shape(rows)[0]
+  positions = rows + tf.range(n)[:, None] * num_classes  # in the flat [n * num_classes]
+  dense = tf.tensor_scatter_nd_update(tf.fill([n * num_classes], float("-inf")),
+                                      tf.reshape(positions, [-1, 1]), tf.reshape(values, [-1]))
+  dense = tf.reshape(dense, tf.concat([shape[:-1], [num_classes]], 0))
+  dense.set_shape(indices.shape[:-1].concatenate([num_classes]))
+  return dense

@@ -4,8 +4,8 @@ A variant is recognised by its block structure, not by its name: per stage, the 
 block and its kernel sizes (or, for attention, its heads, key dim and key/value downsampling).
 That layout is unique to each variant at any width, so a checkpoint renamed, built with another
 width or imported from timm is still identified. The export CLI and the latency benchmark load
-checkpoints through `load_checkpoint`; the timm converter (`mnv4_train/convert.py`) builds the
-same signature from a state dict.
+checkpoints through `load_checkpoint`; the timm converters (`mnv4_train/timm_weights.py`) build
+the same signature from a state dict.
 
 `load_model` is the one loader of saved models in the project: the trainer's online teacher,
 the distillation job's teacher, select_d3's classifier and `load_checkpoint` all go through it.
@@ -70,8 +70,9 @@ def load_model(path: str, *, what: str = "model", saved_model: bool = True):
   too). SavedModels, which Keras 3 no longer loads, go through `tf.saved_model.load`.
 
   Args:
-    path: a local or bucket path.
-    what: how the user gave the path (e.g. "--teacher", "train.teacher_model"), for the error.
+    path: a local or bucket path (Keras 3.15 copies a bucket `.keras` file to a local temporary
+      file itself; TensorFlow reads a bucket SavedModel).
+    what: how the user gave the path (e.g. "--teacher", "loss.teacher_model"), for the error.
     saved_model: accept a SavedModel folder as well as a `.keras` file.
 
   Raises:
@@ -94,14 +95,22 @@ def load_model(path: str, *, what: str = "model", saved_model: bool = True):
                          ) from None
 
 
+def _isfile(path: str) -> bool:
+  """A local file, or a `gs://` (any tf.io.gfile URL) object that is not a folder."""
+  if "://" not in path:
+    return os.path.isfile(path)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
 def load_checkpoint(path: str, *, model: str):
   """Loads a `.keras` checkpoint and checks that it holds variant `model`.
 
   Raises InputPathError for a missing or unreadable file and ConfigError when the file holds
-  another variant (naming it) or no MNv4 model at all.
+  another variant (naming it) or no MNv4 model at all. `path` may be a `gs://` object.
   """
   S.get_spec(model)  # an unknown name fails first, listing the valid ones
-  if not os.path.isfile(path):
+  if not _isfile(path):
     raise InputPathError(f"checkpoint {path} does not exist; pass a .keras file saved with "
                          "model.save('name.keras')")
   if not path.endswith(".keras"):

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import sys
 
+from mnv4_train.cli import quiet_tensorflow
 from mnv4_train.errors import ArgumentParser, exit_on_user_error, run_then_exit
-from mnv4_train.models import builder, profile, specs
+from mnv4_train.models import specs  # the builder and profile (Keras) load on use
 
 STAGES = ("stem", "stage0", "stage1", "stage2", "stage3", "stage4", "head")
 
 
 def model_figures(name: str, resolution: int | None = None, num_classes: int = 1000) -> dict:
   """Parameters, MACs and activation bytes of one variant; also the per-stage breakdown."""
+  from mnv4_train.models import builder, profile  # pylint: disable=import-outside-toplevel
   spec = specs.get_spec(name)
   resolution = resolution or spec.resolution
   model = builder.build(name, num_classes=num_classes)
@@ -75,6 +77,7 @@ def format_family(figs: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  quiet_tensorflow(False)  # before the model builder loads TensorFlow
   parser = ArgumentParser(prog="mnv4_train.models.summary", description=__doc__.split("\n")[0])
   group = parser.add_mutually_exclusive_group(required=True)
   group.add_argument("--model", choices=specs.MODEL_NAMES, help="one variant, per stage")

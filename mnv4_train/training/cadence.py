@@ -29,9 +29,9 @@ class Cadence:
   def __post_init__(self):
     for name in ("steps_per_loop", "log_every", "checkpoint_every"):
       if getattr(self, name) < 1:
-        raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        raise ConfigError(f"cadence.{name} must be >= 1, got {getattr(self, name)}")
     if self.eval_every is not None and self.eval_every < 0:
-      raise ConfigError(f"train.eval_every must be >= 0 or None, got {self.eval_every}")
+      raise ConfigError(f"cadence.eval_every must be >= 0 or None, got {self.eval_every}")
 
   def next_stop(self, step: int) -> int:
     """The first step after `step` at which the loop must come back to Python."""

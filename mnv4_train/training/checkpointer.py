@@ -16,6 +16,7 @@ import os
 
 import tensorflow as tf
 
+from mnv4_train import ownership
 from mnv4_train.errors import InputPathError
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,31 @@ class Checkpointer:
     return step
 
   def save(self, step: int) -> None:
-    self._data.save(checkpoint_number=step)   # the input position first: the model's
-    self._model.save(checkpoint_number=step)  # checkpoint is what marks a step as done
+    """Saves both halves at `step`; on a failed write (a full disk) removes what it began.
+
+    Raises:
+      StorageError: the disk (or quota) is full: one line; the run's earlier checkpoints are
+        intact and the same command resumes from the last of them.
+    """
+    try:
+      self._data.save(checkpoint_number=step)   # the input position first: the model's
+      self._model.save(checkpoint_number=step)  # checkpoint is what marks a step as done
+    except (tf.errors.OpError, OSError) as e:
+      self._remove_partial(step)
+      problem = ownership.storage_problem(e, self.dir)
+      if problem is not None:
+        raise problem from None
+      raise
+
+  def _remove_partial(self, step: int) -> None:
+    """TensorFlow's staging folders of a save that failed (`ckpt-<step>_temp`), never more."""
+    for folder in (self._model.directory, self._data_dir):
+      partial = os.path.join(folder, f"ckpt-{step}_temp")
+      try:
+        if tf.io.gfile.isdir(partial):
+          tf.io.gfile.rmtree(partial)
+      except tf.errors.OpError as e:
+        log.warning("could not remove the partial checkpoint %s: %s", partial, e)
 
   def latest(self) -> str | None:
     """The last complete checkpoint of the run (what a failed run can go back to)."""

@@ -14,7 +14,7 @@ DISTRIBUTIONS = ("cpu", "gpu", "multiworker", "tpu")
 def make_strategy(distribution: str, tpu: str = "local", cpu_replicas: int = 1):
   """The tf.distribute strategy for `distribution`; one clear error when it cannot be had."""
   if distribution not in DISTRIBUTIONS:
-    raise ConfigError(f"train.distribution must be one of {list(DISTRIBUTIONS)}, "
+    raise ConfigError(f"runtime.distribution must be one of {list(DISTRIBUTIONS)}, "
                       f"not {distribution!r}")
   if distribution == "cpu":
     if cpu_replicas > 1:  # N logical CPUs: N replicas on one host, as N GPUs would be
@@ -25,12 +25,12 @@ def make_strategy(distribution: str, tpu: str = "local", cpu_replicas: int = 1):
     return tf.distribute.OneDeviceStrategy("/cpu:0")
   if distribution == "gpu":
     if not tf.config.list_physical_devices("GPU"):
-      raise ConfigError("train.distribution='gpu' but TensorFlow sees no GPU; install "
-                        "tensorflow[and-cuda] or use train.distribution='cpu'")
+      raise ConfigError("runtime.distribution='gpu' but TensorFlow sees no GPU; install "
+                        "tensorflow[and-cuda] or use runtime.distribution='cpu'")
     return tf.distribute.MirroredStrategy()
   if distribution == "multiworker":
     if not os.environ.get("TF_CONFIG"):
-      raise ConfigError("train.distribution='multiworker' needs TF_CONFIG (cluster and task) in "
+      raise ConfigError("runtime.distribution='multiworker' needs TF_CONFIG (cluster and task) in "
                         "the environment of every worker; see launch/gpu_cluster.py")
     return tf.distribute.MultiWorkerMirroredStrategy()
   resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)

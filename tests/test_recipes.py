@@ -1,0 +1,105 @@
+"""Every recipe gives the run it gave before the settings were grouped (`mnv4_train.train`).
+
+The golden, tests/fixtures/recipe_settings.json, was written by
+tests/fixtures/make_recipe_golden.py with the code of before (64 flat `train.X` arguments), in
+those names; `train.RENAMED` maps them to the bindings of now. A recipe changed on purpose
+changes its entry there by hand.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures")
+with open(os.path.join(FIXTURES, "recipe_settings.json")) as _f:
+  GOLDEN = json.load(_f)
+
+
+def _binding(old, value):
+  from mnv4_train import train
+  return f"{train.RENAMED[old]}={value!r}"
+
+
+def test_every_recipe_resolves_to_its_recorded_settings():
+  """Each gin_configs/*.gin, parsed as `mnv4_train.main` parses it and made into the groups by
+  gin as `train` makes them, holds exactly the 63 values it resolved to before."""
+  import gin
+  from mnv4_train import main, train
+  assert sorted(train.RENAMED) == sorted(next(iter(GOLDEN["recipes"].values()))["settings"])
+  assert set(GOLDEN["recipes"]) <= set(main.available_gin_files())
+  try:
+    for name, recorded in GOLDEN["recipes"].items():
+      gin.clear_config()
+      main.parse_gin([name], [_binding(k, v) for k, v in recorded["placeholders"].items()])
+      config = train.Config.make("/unused")
+      got = {}
+      for old, new in train.RENAMED.items():
+        group, field = new.split(".")
+        got[old] = getattr(getattr(config, group), field)
+      assert json.loads(json.dumps(got)) == recorded["settings"], name
+  finally:
+    gin.clear_config()
+
+
+def _substitute(value, paths):
+  """`value` with the placeholders "{source}", "{d1}", ... replaced by the fixtures' paths."""
+  if isinstance(value, str):
+    return value.format(**paths) if value.startswith("{") and value.endswith("}") else value
+  if isinstance(value, dict):
+    return {k: _substitute(v, paths) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_substitute(v, paths) for v in value]
+  return value
+
+
+def _rows(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f]
+  for row in rows:
+    row.pop("examples_per_second", None)
+    row.pop("seconds", None)
+  return rows
+
+
+def _assert_rows_equal(got, want, what):
+  assert [r["step"] for r in got] == [r["step"] for r in want], what
+  for g, w in zip(got, want):
+    assert sorted(g) == sorted(w), what
+    for key, expected in w.items():
+      if isinstance(expected, float):
+        np.testing.assert_allclose(g[key], expected, rtol=1e-6, atol=0,
+                                   err_msg=f"{what} step {w['step']} {key}")
+      elif isinstance(expected, dict):
+        assert sorted(g[key]) == sorted(expected), what
+        np.testing.assert_allclose([g[key][k] for k in sorted(expected)],
+                                   [expected[k] for k in sorted(expected)], rtol=1e-6, atol=0,
+                                   err_msg=f"{what} step {w['step']} {key}")
+      else:
+        assert g[key] == expected, (what, w["step"], key)
+
+
+def test_recorded_runs_train_to_the_same_losses(source_shards, teacher_path, distill_records,
+                                                tmp_path):
+  """Two 6-step runs of smoke.gin, deterministic (every augmentation, optimizer and evaluation
+  setting off its default; an online teacher with both loss terms and a mixture schedule),
+  bound by their new names: every history and evaluation row as recorded before, to 1e-6."""
+  paths = {"source": source_shards[0], "teacher": teacher_path, **distill_records}
+  runs = GOLDEN["runs"]
+  jobs = [{"gin_file": run["gin_file"], "workdir": str(tmp_path / name),
+           "bindings": [_binding(k, _substitute(v, paths)) for k, v in run["bindings"].items()]}
+          for name, run in runs.items()]
+  with open(tmp_path / "runs.json", "w") as f:
+    json.dump(jobs, f)
+  proc = subprocess.run([sys.executable, os.path.join(FIXTURES, "run_recipes.py"),
+                         str(tmp_path / "runs.json")], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name, run in runs.items():
+    _assert_rows_equal(_rows(str(tmp_path / name / "history.jsonl")), run["history"], name)
+    _assert_rows_equal(_rows(str(tmp_path / name / "eval.jsonl")), run["eval"], name)
