@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from tests.fixtures.run_recipes import logged_rows, substitute
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 with open(os.path.join(FIXTURES, "recipe_settings.json")) as _f:
@@ -45,28 +47,6 @@ def test_every_recipe_resolves_to_its_recorded_settings():
     gin.clear_config()
 
 
-def _substitute(value, paths):
-  """`value` with the placeholders "{source}", "{d1}", ... replaced by the fixtures' paths."""
-  if isinstance(value, str):
-    return value.format(**paths) if value.startswith("{") and value.endswith("}") else value
-  if isinstance(value, dict):
-    return {k: _substitute(v, paths) for k, v in value.items()}
-  if isinstance(value, list):
-    return [_substitute(v, paths) for v in value]
-  return value
-
-
-def _rows(path):
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f]
-  for row in rows:
-    row.pop("examples_per_second", None)
-    row.pop("seconds", None)
-  return rows
-
-
 def _assert_rows_equal(got, want, what):
   assert [r["step"] for r in got] == [r["step"] for r in want], what
   for g, w in zip(got, want):
@@ -92,7 +72,7 @@ def test_recorded_runs_train_to_the_same_losses(source_shards, teacher_path, dis
   paths = {"source": source_shards[0], "teacher": teacher_path, **distill_records}
   runs = GOLDEN["runs"]
   jobs = [{"gin_file": run["gin_file"], "workdir": str(tmp_path / name),
-           "bindings": [_binding(k, _substitute(v, paths)) for k, v in run["bindings"].items()]}
+           "bindings": [_binding(k, substitute(v, paths)) for k, v in run["bindings"].items()]}
           for name, run in runs.items()]
   with open(tmp_path / "runs.json", "w") as f:
     json.dump(jobs, f)
@@ -101,5 +81,5 @@ def test_recorded_runs_train_to_the_same_losses(source_shards, teacher_path, dis
                         env=dict(os.environ, PYTHONPATH=REPO))
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name, run in runs.items():
-    _assert_rows_equal(_rows(str(tmp_path / name / "history.jsonl")), run["history"], name)
-    _assert_rows_equal(_rows(str(tmp_path / name / "eval.jsonl")), run["eval"], name)
+    for log in ("history", "eval"):
+      _assert_rows_equal(logged_rows(str(tmp_path / name / f"{log}.jsonl")), run[log], name)
