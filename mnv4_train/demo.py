@@ -135,8 +135,8 @@ def parse_args(argv):
     parser.error(f"--jpeg_quality must be in [0, 100] (0: no JPEG step), got {args.jpeg_quality}")
   if args.beam_workers < 1:
     parser.error(f"--beam_workers must be >= 1, got {args.beam_workers}")
-  if args.resolution < 16:
-    parser.error("--resolution must be >= 16")
+  if args.resolution < 32:
+    parser.error(f"--resolution must be >= 32 (the models downsample 32x), got {args.resolution}")
   if not (0 < args.labelled and 0 < args.val and args.labelled + args.val < args.corpus <= 1.0):
     parser.error("--labelled, --val and --corpus need 0 < labelled, val and labelled + val < "
                  "corpus <= 1")

@@ -139,3 +139,14 @@ def test_a_stage_that_crashes_after_finishing_is_kept_and_one_that_crashes_befor
     demo._run("s", ["tests.crash_after_done", other], done=lambda: os.path.exists(other))
   with pytest.raises(demo.StageFailed, match="exit status -11"):
     demo._run("s", ["tests.crash_after_done", out, "--done"])  # no way to tell: a failure
+
+
+def test_a_resolution_the_models_cannot_take_is_refused_in_one_line(capsys):
+  """The models downsample 32x: a smaller input is refused at the flags, not by a stage."""
+  from mnv4_train import demo
+  with pytest.raises(SystemExit) as exit_info:
+    demo.parse_args(["--dataset=digits", "--resolution=16", "--workspace=/tmp/unused"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert exit_info.value.code == 2 and len(err) == 1 and "--resolution must be >= 32" in err[0]
+  assert demo.parse_args(["--dataset=digits", "--resolution=32",
+                          "--workspace=/tmp/unused"]).resolution == 32

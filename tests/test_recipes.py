@@ -47,18 +47,24 @@ def test_every_recipe_resolves_to_its_recorded_settings():
     gin.clear_config()
 
 
+# Float sums on this CPU are not bit-stable from run to run (oneDNN's and Eigen's threaded
+# reductions; the online run's ce once differed by 1.7e-6 relative at step 3): 1e-5 still
+# tells a changed recipe, whose losses move by orders of magnitude more.
+RTOL = 1e-5
+
+
 def _assert_rows_equal(got, want, what):
   assert [r["step"] for r in got] == [r["step"] for r in want], what
   for g, w in zip(got, want):
     assert sorted(g) == sorted(w), what
     for key, expected in w.items():
       if isinstance(expected, float):
-        np.testing.assert_allclose(g[key], expected, rtol=1e-6, atol=0,
+        np.testing.assert_allclose(g[key], expected, rtol=RTOL, atol=0,
                                    err_msg=f"{what} step {w['step']} {key}")
       elif isinstance(expected, dict):
         assert sorted(g[key]) == sorted(expected), what
         np.testing.assert_allclose([g[key][k] for k in sorted(expected)],
-                                   [expected[k] for k in sorted(expected)], rtol=1e-6, atol=0,
+                                   [expected[k] for k in sorted(expected)], rtol=RTOL, atol=0,
                                    err_msg=f"{what} step {w['step']} {key}")
       else:
         assert g[key] == expected, (what, w["step"], key)
@@ -68,7 +74,7 @@ def test_recorded_runs_train_to_the_same_losses(source_shards, teacher_path, dis
                                                 tmp_path):
   """Two 6-step runs of smoke.gin, deterministic (every augmentation, optimizer and evaluation
   setting off its default; an online teacher with both loss terms and a mixture schedule),
-  bound by their new names: every history and evaluation row as recorded before, to 1e-6."""
+  bound by their new names: every history and evaluation row as recorded before, to 1e-5."""
   paths = {"source": source_shards[0], "teacher": teacher_path, **distill_records}
   runs = GOLDEN["runs"]
   jobs = [{"gin_file": run["gin_file"], "workdir": str(tmp_path / name),
