@@ -79,6 +79,10 @@ def parse_args(argv):
                            f"{augment.JPEG_QUALITY})")
   parser.add_argument("--no_flip", action="store_true",
                       help="no horizontal flips (e.g. for glyphs such as digits)")
+  parser.add_argument("--teacher_clean_top1", type=float, default=None,
+                      help="the teacher's top-1 on clean held-out images, to compare with its "
+                      "top-1 on the views it labels (default: the metrics.json of the run that "
+                      "exported the teacher, when there is one)")
   parser.add_argument("--overwrite", action="store_true", help="replace a finished output")
   parser.add_argument("--verbose", action="store_true", help=console.VERBOSE_HELP)
   args, beam_args = parser.parse_known_args(argv)
@@ -92,6 +96,8 @@ def parse_args(argv):
       parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.jpeg_quality is not None and not 0 <= args.jpeg_quality <= 100:
     parser.error(f"--jpeg_quality must be in [0, 100] (0: no JPEG step), got {args.jpeg_quality}")
+  if args.teacher_clean_top1 is not None and not 0.0 <= args.teacher_clean_top1 <= 1.0:
+    parser.error(f"--teacher_clean_top1 is a fraction in [0, 1], got {args.teacher_clean_top1}")
   if args.replica_offset < 0 or args.top_k < 0:
     parser.error("--replica_offset and --top_k must be >= 0")
   if args.resolution is not None and args.resolution < 16:
@@ -253,14 +259,19 @@ class AugmentTask(beam.DoFn):
     for replica in range(first, first + count):
       seeds, data, partners, keys = [], [], [], []
       for position, ex in enumerate(examples):
-        copies = 1 if selection is None else selection.get(position, 0)
+        copies, selected_class = (1, -1) if selection is None else selection.get(position,
+                                                                                (0, -1))
         for copy in range(copies):
           seed = augment.key_seed(recipe.name, replica, ex["id"], copy)
+          # label / selected_class / partner_label: what `ViewAccuracy` scores the teacher's
+          # output against; they stay out of the records.
           meta = {"id": ex["id"], "source_shard": shard, "source_index": position,
-                  "replica": replica, "copy": copy, "partner_id": "", "partner_index": -1}
+                  "replica": replica, "copy": copy, "partner_id": "", "partner_index": -1,
+                  "label": ex["label"], "selected_class": selected_class, "partner_label": -1}
           if recipe.mixup:
             p_index = augment.sample_partner(seed, position, len(examples))
-            meta.update(partner_id=examples[p_index]["id"], partner_index=p_index)
+            meta.update(partner_id=examples[p_index]["id"], partner_index=p_index,
+                        partner_label=examples[p_index]["label"])
           seeds.append(seed)
           data.append(ex["encoded"])
           partners.append(examples[meta["partner_index"]]["encoded"])
@@ -359,6 +370,147 @@ class MakeRecords(beam.DoFn):
           copy=meta["copy"], params=meta["params"], logits=logits, top_k=self.top_k,
           partner_id=meta["partner_id"], partner_index=meta["partner_index"])
       yield out_file, (sort_key, record)
+      yield beam.pvalue.TaggedOutput(VIEWS, view_row(meta, logits))
+
+
+# ---- the teacher on its own views -------------------------------------------------------------
+
+VIEWS = "views"  # MakeRecords' side output: one view_row per record written
+
+# How far (absolute top-1) the teacher may fall on its views below its clean accuracy before the
+# job warns. Views are meant to be harder than clean images; a teacher that is wrong on most of
+# them hands the student its mistakes (README, "See the teacher").
+VIEW_GAP_WARNING = 0.2
+
+
+def view_row(meta, logits):
+  """(target, partner target, share of the image, teacher top-1, its probability, what the
+  target is) of one view; target -1: nothing to score against (an unlabelled image outside a
+  selection).
+
+  The target is the image's label, else (an unlabelled corpus) the class the D3 selection gave
+  it. For mixup it is the label of the image with the larger share (the image itself at a
+  share of exactly one half); the partner's label is kept for "either of the two".
+  """
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  top = int(np.argmax(logits))
+  if meta["label"] >= 0:
+    target, against = meta["label"], "label"
+  else:
+    target, against = meta["selected_class"], "selection class"
+  share = float(meta["params"]["mix_ratio"]) if meta["partner_index"] >= 0 else 1.0
+  partner = meta["partner_label"]
+  if share < 0.5 and partner >= 0:
+    target, partner = partner, target
+  return (int(target), int(partner), share, top, float(probs[top]), against)
+
+
+class ViewAccuracy(beam.CombineFn):
+  """The teacher's accuracy on the views it labelled, combined across workers (no second pass
+  over the records): `teacher_on_views` of the manifest.
+
+  examples: views with a target; top1: the teacher's top-1 equals the target; mean_confidence:
+  the mean top-class probability (over every view, scored or not); per_class_top1 and
+  per_class_examples: by target class (None where a class has no view); top1_either (mixup): the
+  top-1 is either image's label; against: "label" or "selection class" (what the targets are).
+  """
+
+  def __init__(self, num_classes: int, mixup: bool):
+    self.num_classes = num_classes
+    self.mixup = mixup
+
+  def create_accumulator(self):
+    # [views, confidence sum, scored, right, either right], per class [scored, right], against
+    return [0, 0.0, 0, 0, 0, [0] * self.num_classes, [0] * self.num_classes, []]
+
+  def add_input(self, acc, row):
+    target, partner, _, top, confidence, against = row
+    acc[0] += 1
+    acc[1] += confidence
+    if 0 <= target < self.num_classes:
+      acc[2] += 1
+      acc[3] += top == target
+      acc[4] += top in (target, partner)
+      acc[5][target] += 1
+      acc[6][target] += top == target
+      if against not in acc[7]:
+        acc[7] = sorted(acc[7] + [against])
+    return acc
+
+  def merge_accumulators(self, accumulators):
+    out = self.create_accumulator()
+    for acc in accumulators:
+      for i in range(5):
+        out[i] += acc[i]
+      out[5] = [a + b for a, b in zip(out[5], acc[5])]
+      out[6] = [a + b for a, b in zip(out[6], acc[6])]
+      out[7] = sorted(set(out[7]) | set(acc[7]))
+    return out
+
+  def extract_output(self, acc):
+    views, confidence, scored, right, either, per_n, per_right, against = acc
+    if not scored:
+      return None  # nothing to score against: an unlabelled corpus without a selection
+    out = {
+        "examples": scored,
+        "against": " or ".join(against),
+        "top1": right / scored,
+        "mean_confidence": confidence / views,
+        "per_class_top1": [r / n if n else None for r, n in zip(per_right, per_n)],
+        "per_class_examples": per_n,
+    }
+    if self.mixup:
+      out["top1_either"] = either / scored
+    return out
+
+
+def clean_top1(teacher: str, given: float | None) -> tuple[float | None, str | None]:
+  """The teacher's top-1 on clean held-out images, and where it comes from: --teacher_clean_top1,
+  else the `metrics.json` of the training run that exported it (this project's trainer writes
+  `<workdir>/export/student.keras` and `<workdir>/metrics.json`), else (None, None)."""
+  if given is not None:
+    return given, "--teacher_clean_top1"
+  folder = os.path.dirname(teacher.rstrip("/"))
+  for candidate in (folder, os.path.dirname(folder)):
+    path = os.path.join(candidate, "metrics.json")
+    try:
+      if not tf.io.gfile.exists(path):
+        continue
+      with tf.io.gfile.GFile(path) as f:
+        metrics = json.load(f)
+    except (tf.errors.OpError, OSError, ValueError):
+      continue
+    if (isinstance(metrics, dict) and isinstance(metrics.get("top1"), (int, float))
+        and os.path.normpath(str(metrics.get("export", ""))) == os.path.normpath(teacher)):
+      return float(metrics["top1"]), path
+  return None, None
+
+
+def view_warning(recipe: str, views: dict | None, clean: float | None) -> str | None:
+  """One line when the teacher's top-1 on its views (either image's label for mixup) is more
+  than VIEW_GAP_WARNING below its clean top-1; else None."""
+  if not views or clean is None:
+    return None
+  on_views = views.get("top1_either", views["top1"])
+  if clean - on_views <= VIEW_GAP_WARNING:
+    return None
+  return (f"distill {recipe}: the teacher is right on {100 * on_views:.1f}% of the views it "
+          f"labelled against {100 * clean:.1f}% on clean images, and a student distilled on "
+          "them learns its mistakes: try a weaker recipe (--ra_magnitude, --crop_area_min) or a "
+          "teacher trained on such views")
+
+
+def describe_views(views: dict | None) -> str:
+  """The closing line's words on the teacher's views."""
+  if not views:
+    return "teacher accuracy on its views: no labels to score against"
+  text = (f"teacher top-1 on its views {100 * views['top1']:.1f}% against the "
+          f"{views['against']}")
+  if "top1_either" in views:
+    text += f" (either image's label: {100 * views['top1_either']:.1f}%)"
+  return text + f", mean confidence {views['mean_confidence']:.2f}"
 
 
 def _batch_size(element):
@@ -370,11 +522,12 @@ def _batch_size(element):
 
 def _selection_by_shard(line):
   row = json.loads(line)
-  return row["source_shard"], (row["source_index"], row["copies"])
+  return row["source_shard"], (row["source_index"], (row["copies"], row["class"]))
 
 
 def _attach_selection(element):
-  """(shard, {tasks, selection}) -> (task, {position: copies}) for every task of the shard."""
+  """(shard, {tasks, selection}) -> (task, {position: (copies, class)}) for every task of the
+  shard."""
   _, grouped = element
   selection = dict(grouped["selection"])
   for task in grouped["tasks"]:
@@ -383,11 +536,12 @@ def _attach_selection(element):
 
 # ---- the job ----------------------------------------------------------------------------------
 
-def _write_manifest(stats, folder, dead, info):
+def _write_manifest(stats, folder, dead, views, info):
   stats = sorted(stats, key=lambda s: s["path"])
   formats.DistillRecords(
       **info, files=tuple(formats.FileCount(s["path"], s["count"], s["bytes"]) for s in stats),
-      num_records=sum(s["count"] for s in stats), dead_letter=dead).write(folder)
+      num_records=sum(s["count"] for s in stats), dead_letter=dead,
+      teacher_on_views=views).write(folder)
 
 
 def check_inputs(args):
@@ -438,7 +592,10 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
           | "Progress" >> console.ReportProgress(_batch_size)
           | "MakeRecords" >> beam.ParDo(MakeRecords(args.recipe, args.teacher_outputs,
                                                     args.top_k, classes)).with_outputs(
-                                                        transforms.DEAD_LETTER, main="records"))
+                                                        transforms.DEAD_LETTER, VIEWS,
+                                                        main="records"))
+  views = made[VIEWS] | "TeacherOnViews" >> beam.CombineGlobally(
+      ViewAccuracy(classes, recipe_from_args(args).mixup))
   dead = made[transforms.DEAD_LETTER] | "WriteDeadLetters" >> transforms.WriteSortedJsonLines(
       os.path.join(tmp, "dead_letter.jsonl"))
   info = {
@@ -453,7 +610,8 @@ def build_pipeline(p, args, tmp, source, resolution, classes):
   _ = (made.records
        | "WriteRecords" >> transforms.WriteSortedShards(tmp)
        | "CollectStats" >> beam.combiners.ToList()
-       | "WriteManifest" >> beam.Map(_write_manifest, tmp, beam.pvalue.AsSingleton(dead), info))
+       | "WriteManifest" >> beam.Map(_write_manifest, tmp, beam.pvalue.AsSingleton(dead),
+                                     beam.pvalue.AsSingleton(views), info))
 
 
 def run(argv=None, pipeline=None) -> dict:
@@ -473,8 +631,16 @@ def run(argv=None, pipeline=None) -> dict:
       build=lambda p, tmp: build_pipeline(p, args, tmp, source, resolution, classes),
       manifest=formats.DistillRecords,
       inputs=inputs)
-  logging.info("distill %s: %d records in %d files, %d dead letters -> %s", args.recipe,
-               manifest.num_records, len(manifest.files), manifest.dead_letter, args.out)
+  logging.info("distill %s: %d records in %d files, %d dead letters -> %s; %s", args.recipe,
+               manifest.num_records, len(manifest.files), manifest.dead_letter, args.out,
+               describe_views(manifest.teacher_on_views))
+  clean, where = clean_top1(args.teacher, args.teacher_clean_top1)
+  if clean is not None:
+    logging.info("distill %s: the teacher's clean top-1 is %.1f%% (%s)", args.recipe,
+                 100 * clean, where)
+  warning = view_warning(args.recipe, manifest.teacher_on_views, clean)
+  if warning:
+    logging.warning(warning)
   return manifest.to_json()
 
 

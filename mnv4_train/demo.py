@@ -280,12 +280,56 @@ def measure(keras_path, resolution, batch=64, rounds=5):
   return model.count_params(), macs, best
 
 
-def plot_eval(runs, workspace):
-  """Held-out top-1 over training of every run, in one PNG (workspace/report.png)."""
+def teacher_on_views(workspace, recipes):
+  """{recipe: the distillation job's `teacher_on_views`} of the workspace's D1/D2/D3 (None where
+  the job had nothing to score against, or wrote records before it was measured)."""
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
+  return {r: formats.DistillRecords.read(os.path.join(workspace, "distill", r),
+                                         f"distill/{r}").teacher_on_views for r in recipes}
+
+
+def print_views(views, clean, clean_name):
+  """The teacher on its views beside its clean accuracy, a line per dataset."""
+  print(f"teacher on the views it labelled (clean {clean_name} top-1 {100 * clean:.2f}%):")
+  for recipe, v in views.items():
+    if not v:
+      print(f"  {recipe.upper():<4} not measured (no labels, or records built before it was)")
+      continue
+    either = (f", either image's label {100 * v['top1_either']:.2f}%"
+              if "top1_either" in v else "")
+    print(f"  {recipe.upper():<4} top-1 {100 * v['top1']:.2f}% against the {v['against']}"
+          f"{either}, mean confidence {v['mean_confidence']:.2f} ({v['examples']:,} views)")
+
+
+def plot_eval(runs, workspace, views=None, clean=None):
+  """Held-out top-1 over training of every run, in one PNG (workspace/report.png); with `views`
+  ({recipe: teacher_on_views}), beside it the teacher's top-1 on each dataset's views against
+  its clean top-1 `clean`."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4))
+  if views:
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[7, 4])
+    names = [r.upper() for r in views]
+    top1 = [100 * v["top1"] if v else 0.0 for v in views.values()]
+    bars.bar(names, top1, color="#4477aa", label="top-1 (label of the larger share)")
+    either = [100 * v["top1_either"] if v and "top1_either" in v else None
+              for v in views.values()]
+    for i, e in enumerate(either):
+      if e is not None:
+        bars.bar(names[i], e - top1[i], bottom=top1[i], color="#99bbdd",
+                 label="either image's label")
+    for i, v in enumerate(top1):
+      bars.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    if clean is not None:
+      bars.axhline(100 * clean, color="#228833", ls="--",
+                   label=f"clean images {100 * clean:.1f}%")
+    bars.set_ylim(0, 100)
+    bars.set_ylabel("teacher top-1 on its views (%)")
+    bars.set_title("the teacher on the views it labelled")
+    bars.legend(loc="upper right", bbox_to_anchor=(1.0, 0.94), fontsize=7)
+  else:
+    fig, ax = plt.subplots(figsize=(7, 4))
   for label, workdir in runs:
     with open(os.path.join(workdir, "eval.jsonl")) as f:
       rows = [json.loads(line) for line in f if line.strip()]
@@ -324,8 +368,10 @@ def report(args, runs, export_dir):
                                   f"sources/{subset}")
     sources[subset] = {"images": m.num_examples, "classes": m.num_classes,
                        "unreadable_skipped": m.dead_letter}
+  views = teacher_on_views(args.workspace, ("d1", "d2"))
   out = {"workspace": args.workspace, "resolution": args.resolution, "sources": sources,
-         "runs": rows, "export": export, "curves": plot_eval(runs, args.workspace)}
+         "runs": rows, "export": export, "teacher_on_views": views,
+         "curves": plot_eval(runs, args.workspace, views, rows[0]["top1"])}
   with open(os.path.join(args.workspace, "report.json"), "w") as f:
     json.dump(out, f, indent=1)
   print()
@@ -338,6 +384,7 @@ def report(args, runs, export_dir):
   for r in rows:
     print(f"{r['model']:<28}{100 * r['top1']:>14.2f}%{100 * r['top5']:>7.1f}%"
           f"{r['params']:>11,}{r['macs'] / 1e6:>10.2f} M{r['images_per_second']:>10.0f}")
+  print_views(views, rows[0]["top1"], "held-out")
   print(f"(images/s: batch 64 at {args.resolution} px on this CPU; held-out accuracy over "
         f"training: {out['curves']}; each run's losses: runs/*/curves.png; all of it in "
         f"{os.path.join(args.workspace, 'report.json')})")
@@ -616,10 +663,13 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
   selection = _selection_figures(ws)
   table8 = [{"mixture": name, "top1": by_workdir[w]["top1"], "workdir": w,
              "train_seconds": by_workdir[w]["train_seconds"]} for name, w in ablation.items()]
+  views = teacher_on_views(ws, ("d1", "d2", "d3"))
   out = {"workspace": ws, "dataset": "fashion_mnist", "resolution": args.resolution,
          "sources": sources, "selection": selection, "runs": rows, "ablation": table8,
+         "teacher_on_views": views,
+         "teacher_clean_top1": {"test": rows[0]["top1"], "val": rows[0]["val_top1"]},
          "export": export, "wall_seconds": seconds, "stage_seconds": times,
-         "curves": plot_eval(runs, ws)}
+         "curves": plot_eval(runs, ws, views, rows[0]["top1"])}
   if table8:
     out["ablation_png"] = plot_ablation(table8, rows[0]["top1"], rows[1]["top1"], ws)
   with open(os.path.join(ws, "report.json"), "w") as f:
@@ -639,6 +689,7 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
   for r in rows:
     print(f"{r['model']:<38}{100 * r['top1']:>10.2f}%{100 * r['val_top1']:>9.2f}%"
           f"{r['params']:>10,}{r['macs'] / 1e6:>9.2f} M{r['images_per_second']:>9.0f}")
+  print_views(views, rows[0]["top1"], "test")
   if table8:
     print(f"Table 8 in miniature (same student, {args.student_steps} steps each; test top-1; "
           f"'{LABELS_CONTROL}': no teacher, labels only):")

@@ -522,3 +522,73 @@ def test_distill_recipe_overrides_reach_the_records(source_shards, teacher_path,
     assert crop[2] * crop[3] >= 0.5 * 32 * 32 * 0.95  # area within the sampler's rounding
     assert int(r["params"]["flip"]) == 0
     np.testing.assert_array_equal(r["params"]["ra_magnitude"].numpy(), [5.0, 5.0, 0.0])
+
+
+def _labels_by_position(src, manifest):
+  """Source labels as {(shard index, position): label}."""
+  return {(i, pos): ex["label"]
+          for i, s in enumerate(manifest["shards"])
+          for pos, ex in enumerate(transforms.read_shard(os.path.join(src, s["path"])))}
+
+
+def test_the_teacher_on_its_views_is_what_the_records_say(source_shards, distill_records):
+  """`teacher_on_views`, combined inside the job, recomputed here from the records written and
+  the source labels: D1 (full float16 logits) and D2 (mixup, top-3: against the label of the
+  image with the larger share, and either image's)."""
+  src, manifest = source_shards
+  labels = _labels_by_position(src, manifest)
+  d1 = json.load(open(os.path.join(distill_records["d1"], "manifest.json")))["teacher_on_views"]
+  recs = [r for _, r in _load_records(distill_records["d1"])]
+  logits = np.stack([r["teacher_logits"].numpy() for r in recs]).astype(np.float64)
+  targets = np.array([labels[int(r["source_shard"]), int(r["source_index"])] for r in recs])
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  right = np.argmax(logits, 1) == targets
+  assert d1["examples"] == len(recs) == 400 and d1["against"] == "label"
+  assert "top1_either" not in d1
+  # The job scored the teacher's float32 outputs; the records hold them in float16.
+  assert abs(d1["top1"] - right.mean()) <= 2 / len(recs)
+  assert abs(d1["mean_confidence"] - probs.max(1).mean()) < 2e-3
+  assert d1["per_class_examples"] == np.bincount(targets, minlength=10).tolist()
+  for c in range(10):
+    assert abs(d1["per_class_top1"][c] - right[targets == c].mean()) <= 2 / 40
+  assert 0.0 < d1["top1"] < 1.0  # the session teacher is neither always right nor always wrong
+
+  d2 = json.load(open(os.path.join(distill_records["d2"], "manifest.json")))["teacher_on_views"]
+  recs = [r for _, r in _load_records(distill_records["d2"], top_k=3)]
+  top = np.array([int(r["topk_indices"].numpy()[0]) for r in recs])
+  own = np.array([labels[int(r["source_shard"]), int(r["source_index"])] for r in recs])
+  partner = np.array([labels[int(r["source_shard"]), int(r["partner_index"])] for r in recs])
+  share = np.array([float(r["params"]["mix_ratio"]) for r in recs])
+  larger = np.where(share >= 0.5, own, partner)
+  assert 0 < (share < 0.5).sum() < len(recs)  # both cases occur
+  assert d2["examples"] == len(recs) == 200
+  assert d2["top1"] == pytest.approx((top == larger).mean(), abs=1e-12)
+  assert d2["top1_either"] == pytest.approx(((top == own) | (top == partner)).mean(), abs=1e-12)
+  assert d2["per_class_examples"] == np.bincount(larger, minlength=10).tolist()
+  assert d2["top1_either"] >= d2["top1"]
+
+
+def test_the_view_warning_compares_with_the_teachers_own_clean_accuracy(tmp_path):
+  """The clean top-1 comes from --teacher_clean_top1, else the metrics.json of the run that
+  exported the teacher (only when it names that teacher); the warning is one line, when the
+  views fall more than VIEW_GAP_WARNING below it (either image's label for mixup)."""
+  run = tmp_path / "runs" / "teacher"
+  (run / "export").mkdir(parents=True)
+  teacher = str(run / "export" / "student.keras")
+  assert distill.clean_top1(teacher, None) == (None, None)
+  (run / "metrics.json").write_text(json.dumps({"top1": 0.9, "export": teacher}))
+  assert distill.clean_top1(teacher, None) == (0.9, str(run / "metrics.json"))
+  assert distill.clean_top1(teacher, 0.5) == (0.5, "--teacher_clean_top1")
+  (run / "metrics.json").write_text(json.dumps({"top1": 0.9, "export": "/elsewhere.keras"}))
+  assert distill.clean_top1(teacher, None) == (None, None)  # another model's figures
+  (run / "metrics.json").write_text("{not json")
+  assert distill.clean_top1(teacher, None) == (None, None)
+
+  views = {"top1": 0.6, "mean_confidence": 0.8, "against": "label", "examples": 10}
+  line = distill.view_warning("d1", views, 0.9)
+  assert line and "\n" not in line and "60.0%" in line and "90.0%" in line
+  assert distill.view_warning("d1", views, 0.75) is None  # 15 points: within the gap
+  assert distill.view_warning("d1", views, None) is None
+  assert distill.view_warning("d1", None, 0.9) is None
+  assert distill.view_warning("d2", {**views, "top1_either": 0.75}, 0.9) is None

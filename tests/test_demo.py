@@ -43,6 +43,10 @@ def test_digits_end_to_end_distilled_student_matches_its_teacher(tmp_path):
     with open(path, "rb") as f:
       assert f.read(4) == b"\x89PNG"
   assert report["export"]["formats"]["tflite_float32"]["check"]["top1_agreement"] >= 0.99
+  views = report["teacher_on_views"]
+  assert sorted(views) == ["d1", "d2"] and views["d1"]["examples"] == 4 * report["sources"][
+      "train"]["images"]
+  assert "teacher on the views it labelled" in proc.stdout
   # A second run reuses every stage.
   start = time.time()
   again = _demo("--dataset=digits", f"--workspace={ws}", "--beam_workers=1")

@@ -153,6 +153,14 @@ def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
   drawn = {k: sum(h["mixture"][k] for h in hist) for k in ("d1", "d2", "d3")}
   total = sum(drawn.values())
   assert abs(drawn["d3"] / total - 0.5) < 0.08 and abs(drawn["d1"] / total - 0.25) < 0.08, drawn
+  # The teacher on the views it labelled: D1 and D2 against the labels, D3 (an unlabelled
+  # corpus) against the class its selection gave each image; beside the clean test top-1.
+  views = report["teacher_on_views"]
+  assert views["d1"]["against"] == views["d2"]["against"] == "label"
+  assert views["d3"]["against"] == "selection class" and "top1_either" in views["d2"]
+  assert views["d3"]["examples"] == d3["num_records"]
+  assert report["teacher_clean_top1"]["test"] == report["runs"][0]["top1"]
+  assert "teacher on the views it labelled" in proc.stdout
   assert "distilled" in proc.stdout and "test top-1" in proc.stdout
   assert open(report["curves"], "rb").read(4) == b"\x89PNG"
   assert os.path.exists(os.path.join(ws, "export", "model_float32.tflite"))

@@ -104,6 +104,8 @@ class Manifest:
     out = {"format": self.format()}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
+      if value is None and f.default is None:
+        continue  # a field added later, not recorded: absent, as in the manifests of before
       if f.metadata.get("files"):
         value = [{k: x for k, x in dataclasses.asdict(v).items() if x is not None}
                  for v in value]  # a size not recorded (older manifests) stays absent
@@ -367,6 +369,10 @@ class DistillRecords(Manifest):
   files: tuple = _files()            # FileCount per record file, sorted by path
   num_records: int
   dead_letter: int
+  # The teacher on the views it labelled (data_prep.distill.ViewAccuracy: examples, against,
+  # top1, mean_confidence, per_class_top1, per_class_examples, top1_either for mixup); None when
+  # there was nothing to score against, absent in records built before it was measured.
+  teacher_on_views: Optional[dict] = None
 
   def source_folder(self, folder: str) -> str:
     """The source shards folder these records (in `folder`) replay."""
