@@ -421,14 +421,19 @@ class ViewAccuracy(beam.CombineFn):
     self.num_classes = num_classes
     self.mixup = mixup
 
+  # Confidences are summed as whole multiples of 2^-32: integer sums do not depend on the order
+  # the workers' partial sums are merged in, so the manifest is byte-identical on any runner.
+  _UNIT = 2**32
+
   def create_accumulator(self):
-    # [views, confidence sum, scored, right, either right], per class [scored, right], against
-    return [0, 0.0, 0, 0, 0, [0] * self.num_classes, [0] * self.num_classes, []]
+    # [views, confidence sum (in _UNIT), scored, right, either right], per class [scored,
+    # right], against
+    return [0, 0, 0, 0, 0, [0] * self.num_classes, [0] * self.num_classes, []]
 
   def add_input(self, acc, row):
     target, partner, _, top, confidence, against = row
     acc[0] += 1
-    acc[1] += confidence
+    acc[1] += int(round(confidence * self._UNIT))
     if 0 <= target < self.num_classes:
       acc[2] += 1
       acc[3] += top == target
@@ -457,7 +462,7 @@ class ViewAccuracy(beam.CombineFn):
         "examples": scored,
         "against": " or ".join(against),
         "top1": right / scored,
-        "mean_confidence": confidence / views,
+        "mean_confidence": confidence / self._UNIT / views,
         "per_class_top1": [r / n if n else None for r, n in zip(per_right, per_n)],
         "per_class_examples": per_n,
     }

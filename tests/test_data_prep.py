@@ -128,7 +128,8 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
   src, manifest = source_shards
   path = os.path.join(src, manifest["shards"][0]["path"])
   count = manifest["shards"][0]["count"]
-  task = ((0, path, 3, 2), {0: 2, 5: 1})  # replicas 3 and 4; D3-style copies for 2 positions
+  # Replicas 3 and 4; D3-style (copies, selected class) for 2 positions.
+  task = ((0, path, 3, 2), {0: (2, 4), 5: (1, 7)})
   with TestPipeline() as p:
     batches = (p | beam.Create([task])
                | beam.ParDo(distill.AugmentTask(augment.RECIPES["d3"], 32, "minus_one_to_one", 2,
@@ -144,7 +145,8 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
   assert count > 5
   # MakeRecords: finite logits become records, NaN or wrong-sized outputs go to dead letters.
   meta = {"id": "x", "source_shard": 0, "source_index": 0, "replica": 0, "copy": 0,
-          "partner_id": "", "partner_index": -1,
+          "partner_id": "", "partner_index": -1, "label": 2, "selected_class": -1,
+          "partner_label": -1,
           "params": {k: v.numpy() for k, v in augment.sample(
               augment.RECIPES["d1"], augment.key_seed("d1", 0, "x"), (8, 8, 3)).items()}}
   keys = ("f.tfrecord", [((0, 0), meta), ((1, 0), dict(meta, id="y"))])
@@ -152,9 +154,13 @@ def test_augment_task_batches_in_a_fixed_order_and_make_records_sets_bad_logits_
   with TestPipeline() as p:
     made = (p | beam.Create([(keys, PredictionResult(None, outputs))])
             | beam.ParDo(distill.MakeRecords("d1", "logits", 0, 3)).with_outputs(
-                transforms.DEAD_LETTER, main="records"))
+                transforms.DEAD_LETTER, distill.VIEWS, main="records"))
     assert_that(made.records | beam.Map(lambda kv: (kv[0], kv[1][0])),
                 equal_to([("f.tfrecord", (0, 0))]), label="records")
+    # One view row per record: (target, partner, share, teacher top-1, its probability, what).
+    assert_that(made[distill.VIEWS] | beam.Map(lambda v: (v[0], v[1], v[2], v[3], v[5],
+                                                          round(v[4], 4))),
+                equal_to([(2, -1, 1.0, 2, "label", 0.7856)]), label="views")
     assert_that(made[transforms.DEAD_LETTER] | beam.Map(lambda d: d["id"]), equal_to(["y"]),
                 label="dead")
 
