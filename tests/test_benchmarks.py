@@ -111,3 +111,21 @@ def test_trainer_vs_fit_ratios_and_round_orders():
   assert "1.25" in text and "0.90" in text
   assert bench.round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"],
                                                      ["a", "b", "c"]]
+
+
+def test_relevance_filter_scores_rank_in_distribution_images_first():
+  """The Mahalanobis score: points of the training clusters score above points far from every
+  class mean; the digits' halves are a stable, even split by id."""
+  import numpy as np
+  from benchmarks import relevance_filter
+  rng = np.random.default_rng(0)
+  means = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+  labels = rng.integers(0, 2, 400)
+  features = means[labels] + rng.normal(size=(400, 3))
+  fitted = relevance_filter.Mahalanobis(features, labels)
+  near = means[rng.integers(0, 2, 50)] + 0.5 * rng.normal(size=(50, 3))
+  far = np.array([[5.0, 8.0, -8.0]]) + rng.normal(size=(50, 3))
+  assert fitted.score(near).min() > fitted.score(far).max()
+  ids = [f"unlabeled/{i}.png" for i in range(1000)]
+  halves = [relevance_filter.half(i) for i in ids]
+  assert halves == [relevance_filter.half(i) for i in ids] and 400 < sum(halves) < 600
