@@ -356,7 +356,14 @@ class MakeRecords(beam.DoFn):
     outputs = np.asarray(result.inference, np.float32)
     if self.teacher_outputs == "probabilities":
       outputs = np.log(np.clip(outputs, 1e-30, None))
-    for (sort_key, meta), logits in zip(keys, outputs):
+    # The teacher's top-1 and its probability for the whole batch in one softmax (rows that are
+    # not finite become dead letters below and are never read).
+    with np.errstate(invalid="ignore", over="ignore"):
+      wide = outputs.astype(np.float64)
+      probs = np.exp(wide - wide.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+    tops = np.argmax(wide, -1)
+    for (sort_key, meta), logits, top, prob in zip(keys, outputs, tops, probs):
       if logits.shape[-1] != self.num_classes or not np.all(np.isfinite(logits)):
         self.nonfinite.inc()
         yield beam.pvalue.TaggedOutput(transforms.DEAD_LETTER, {
@@ -370,7 +377,7 @@ class MakeRecords(beam.DoFn):
           copy=meta["copy"], params=meta["params"], logits=logits, top_k=self.top_k,
           partner_id=meta["partner_id"], partner_index=meta["partner_index"])
       yield out_file, (sort_key, record)
-      yield beam.pvalue.TaggedOutput(VIEWS, view_row(meta, logits))
+      yield beam.pvalue.TaggedOutput(VIEWS, view_row(meta, int(top), float(prob[top])))
 
 
 # ---- the teacher on its own views -------------------------------------------------------------
@@ -383,19 +390,15 @@ VIEWS = "views"  # MakeRecords' side output: one view_row per record written
 VIEW_GAP_WARNING = 0.2
 
 
-def view_row(meta, logits):
-  """(target, partner target, share of the image, teacher top-1, its probability, what the
-  target is) of one view; target -1: nothing to score against (an unlabelled image outside a
-  selection).
+def view_row(meta, top: int, confidence: float):
+  """(target, partner target, share of the image, teacher top-1 `top`, its probability
+  `confidence`, what the target is) of one view; target -1: nothing to score against (an
+  unlabelled image outside a selection).
 
   The target is the image's label, else (an unlabelled corpus) the class the D3 selection gave
   it. For mixup it is the label of the image with the larger share (the image itself at a
   share of exactly one half); the partner's label is kept for "either of the two".
   """
-  logits = np.asarray(logits, np.float64)
-  probs = np.exp(logits - logits.max())
-  probs /= probs.sum()
-  top = int(np.argmax(logits))
   if meta["label"] >= 0:
     target, against = meta["label"], "label"
   else:
@@ -404,7 +407,7 @@ def view_row(meta, logits):
   partner = meta["partner_label"]
   if share < 0.5 and partner >= 0:
     target, partner = partner, target
-  return (int(target), int(partner), share, top, float(probs[top]), against)
+  return (int(target), int(partner), share, top, confidence, against)
 
 
 class ViewAccuracy(beam.CombineFn):
