@@ -241,20 +241,30 @@ class _TFRecordExample(beam.DoFn):
 
 
 class _FashionMnistExamples(beam.DoFn):
-  """(start, stop) index range -> dict(id, encoded PNG, label) for those images of a split."""
+  """(start, stop) index range -> dict(id, encoded PNG, label) for those images of a split.
 
-  def __init__(self, split, folder):
+  The ids and labels are known before the pixels are encoded, so `selection` (--hash_range,
+  --class_fraction) drops what it would drop downstream here, unencoded, counted the same: a
+  subset of the 60,000 costs its own size, not the split's."""
+
+  def __init__(self, split, folder, selection=None):
     self.split = split
     self.folder = folder
+    self.selection = selection
+    self.dropped = _drop_counters()
 
   def setup(self):
     self._images, self._labels = fashion_mnist.load(self.split, self.folder)
 
   def process(self, bounds):
     for i in range(*bounds):
+      example_id, label = fashion_mnist.example_id(self.split, i), int(self._labels[i])
+      verdict = self.selection.verdict(example_id, label) if self.selection else None
+      if verdict:
+        self.dropped[verdict].inc()
+        continue
       png = tf.io.encode_png(self._images[i][:, :, None]).numpy()
-      yield {"id": fashion_mnist.example_id(self.split, i), "encoded": png,
-             "label": int(self._labels[i])}
+      yield {"id": example_id, "encoded": png, "label": label}
 
 
 def _read_fashion_mnist(p, args):
@@ -268,8 +278,9 @@ def _read_fashion_mnist(p, args):
   return (p
           | "FashionMnistRanges" >> beam.Create([(i, min(n, i + step)) for i in range(0, n, step)])
           | "FashionMnistSpread" >> beam.Reshuffle()
-          | "FashionMnist" >> beam.ParDo(_FashionMnistExamples(args.fashion_mnist,
-                                                               args.fashion_mnist_dir)))
+          | "FashionMnist" >> beam.ParDo(_FashionMnistExamples(
+              args.fashion_mnist, args.fashion_mnist_dir,
+              Selection(args.hash_range, args.class_fraction))))
 
 
 class _UnlabeledExample(beam.DoFn):
@@ -397,25 +408,45 @@ def in_holdout(example_id: str, fraction: float) -> bool:
   return hash_bucket(example_id) < fraction * HASH_BUCKETS
 
 
+class Selection:
+  """--hash_range and --class_fraction as a verdict on one example's id and label."""
+
+  def __init__(self, hash_range, class_fraction):
+    self.hash_range = hash_range
+    self.class_fraction = class_fraction or {}
+
+  def __bool__(self):
+    return bool(self.hash_range or self.class_fraction)
+
+  def verdict(self, example_id: str, label: int) -> str | None:
+    """None when the example is kept, else the counter it is dropped under."""
+    if self.hash_range:
+      lo, hi = self.hash_range
+      if not lo * HASH_BUCKETS <= hash_bucket(example_id) < hi * HASH_BUCKETS:
+        return "outside_hash_range"
+    keep = self.class_fraction.get(label)
+    if keep is not None and hash_bucket(example_id, "class_fraction") >= keep * HASH_BUCKETS:
+      return "dropped_by_class_fraction"
+    return None
+
+
+def _drop_counters():
+  return {name: beam.metrics.Metrics.counter(transforms.NAMESPACE, name)
+          for name in ("outside_hash_range", "dropped_by_class_fraction")}
+
+
 class _Select(beam.DoFn):
   """--hash_range, --class_fraction and --drop_labels on the labelled source's examples."""
 
-  def __init__(self, hash_range, class_fraction, drop_labels):
-    self.hash_range = hash_range
-    self.class_fraction = class_fraction
+  def __init__(self, selection, drop_labels):
+    self.selection = selection
     self.drop_labels = drop_labels
-    self.outside = beam.metrics.Metrics.counter(transforms.NAMESPACE, "outside_hash_range")
-    self.thinned = beam.metrics.Metrics.counter(transforms.NAMESPACE, "dropped_by_class_fraction")
+    self.dropped = _drop_counters()
 
   def process(self, ex):
-    if self.hash_range:
-      lo, hi = self.hash_range
-      if not lo * HASH_BUCKETS <= hash_bucket(ex["id"]) < hi * HASH_BUCKETS:
-        self.outside.inc()
-        return
-    keep = self.class_fraction.get(ex["label"])
-    if keep is not None and hash_bucket(ex["id"], "class_fraction") >= keep * HASH_BUCKETS:
-      self.thinned.inc()
+    verdict = self.selection.verdict(ex["id"], ex["label"])
+    if verdict:
+      self.dropped[verdict].inc()
       return
     yield {**ex, "label": -1} if self.drop_labels else ex
 
@@ -481,7 +512,7 @@ def build_pipeline(p, args, tmp):
   examples, early_dead, class_names, source = read_source(p, args)
   if args.hash_range or args.class_fraction or args.drop_labels:
     examples = examples | "Select" >> beam.ParDo(
-        _Select(args.hash_range, args.class_fraction, args.drop_labels))
+        _Select(Selection(args.hash_range, args.class_fraction), args.drop_labels))
   if args.unlabeled_images:
     examples = ((examples, read_unlabeled(p, args.unlabeled_images))
                 | "WithUnlabeled" >> beam.Flatten())

@@ -2,10 +2,10 @@
 
 Gin files are found by name in `gin_configs/` (or given as paths); `--gin_bindings` override
 them, e.g. `--gin_bindings="runtime.distribution='tpu'"`. Everything a run needs is a setting of
-one of `mnv4_train.train`'s groups (`GROUPS`: data, augment, student, loss, schedule,
+one of `mnv4_train.config`'s groups (`GROUPS`: data, augment, student, loss, schedule,
 optimizer, cadence, runtime); the workdir is the only flag it takes from here (it is not a gin
 binding, so nothing binds it twice). A run in a workdir that holds checkpoints resumes. An old
-flat `train.X` binding stops with one line naming its new name (`mnv4_train.train.RENAMED`).
+flat `train.X` binding stops with one line naming its new name (`mnv4_train.config.RENAMED`).
 
 The console shows what a user wants by default: a start line (model, data, steps), a progress
 line per log interval (step/total, loss, examples/s, ETA), evaluations, warnings, errors and a
@@ -73,11 +73,14 @@ def resolve_gin_file(name: str) -> str:
                     f"{', '.join(available_gin_files()) or 'none'}")
 
 
-def parse_gin(gin_files, bindings):
+def parse_gin(gin_files, bindings, finalize=True):
   """Parses the files and bindings; a bad one is a ConfigError naming it (an old flat
-  `train.X` binding one naming the new names)."""
+  `train.X` binding one naming the new names). `finalize`: lock the configuration (gin refuses
+  configurables registered after that, so a caller that imports more of them, as `run` does
+  with the trainer's libraries, finalizes itself with `finalize_gin`)."""
   import gin  # pylint: disable=import-outside-toplevel
-  from mnv4_train import train  # noqa: F401  registers the configurables  # pylint: disable=import-outside-toplevel,unused-import
+  # Registers the configurables without loading TensorFlow: a bad binding fails in a second.
+  from mnv4_train import config  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   paths = [resolve_gin_file(f) for f in gin_files]
   gin.add_config_file_search_path(GIN_DIR)
   for path in paths:
@@ -98,9 +101,16 @@ def parse_gin(gin_files, bindings):
         raise ConfigError(f"--gin_bindings: {old}") from None
       raise ConfigError(f"bad gin binding {binding!r}: {first_line(e)}; bindings look like "
                         "\"schedule.train_steps=100\"") from None
+  if finalize:
+    finalize_gin()
+
+
+def finalize_gin():
+  """Locks gin's configuration; a %gin.REQUIRED macro left unset is a ConfigError."""
+  import gin  # pylint: disable=import-outside-toplevel
   try:
     gin.finalize()
-  except ValueError as e:  # a %gin.REQUIRED left unset
+  except ValueError as e:
     raise ConfigError(f"{first_line(e)}; set it with --gin_bindings") from None
 
 
@@ -111,7 +121,7 @@ _IN_FILE = re.compile(r'In file "([^"]+)", line \d+')
 def _renamed(error, *, text=None, path=None) -> str | None:
   """For gin's error on an old flat `train.X` binding, one line naming the new binding of each
   one in `text` (or the file at `path`); None for any other error."""
-  from mnv4_train import train  # pylint: disable=import-outside-toplevel
+  from mnv4_train import config  # pylint: disable=import-outside-toplevel
   if not str(error).startswith("No configurable matching 'train'"):
     return None
   if path is not None:
@@ -123,7 +133,7 @@ def _renamed(error, *, text=None, path=None) -> str | None:
   names = _OLD_BINDING.findall(text or "")
   if not names:
     return None
-  return train.renamed(names)
+  return config.renamed(names)
 
 
 class _GinProbeFilter(logging.Filter):
@@ -160,13 +170,19 @@ def run(gin_files, bindings, workdir) -> dict:
     raise ConfigError(f"give --gin_file (one of: {', '.join(available_gin_files())})")
   if not workdir:
     raise ConfigError("give --workdir, the run folder")
-  parse_gin(gin_files, bindings)
-  from mnv4_train import train  # pylint: disable=import-outside-toplevel
+  parse_gin(gin_files, bindings, finalize=False)
+  from mnv4_train import config  # pylint: disable=import-outside-toplevel
   try:
-    return train.train(workdir)
+    settings = config.Config.make(workdir)  # a setting left unset fails here, before TensorFlow
   except RuntimeError as e:
     if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
       raise ConfigError(f"{first_line(e)}; add them to the gin file or --gin_bindings") from None
+    raise
+  from mnv4_train import train  # pylint: disable=import-outside-toplevel
+  finalize_gin()  # after the trainer's libraries have registered their own configurables
+  try:
+    return train.train(workdir, **{name: getattr(settings, name) for name in config.GROUPS})
+  except RuntimeError as e:
     _raise_if_storage_problem(e, workdir)
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -24,7 +24,9 @@ CORRUPT_FILES = {
 
 
 # Fixtures that run a Beam job or train a model: a test that asks for one is end to end.
-E2E_FIXTURES = frozenset({"source_shards", "teacher_path", "distill_records"})
+# test_export's `trained` fits a model, its `exported` converts it to every format.
+E2E_FIXTURES = frozenset({"source_shards", "teacher_path", "distill_records", "trained",
+                          "exported"})
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument

@@ -37,6 +37,7 @@ def digits_100(tmp_path_factory):
   return str(root)
 
 
+@pytest.mark.e2e
 def test_a_two_worker_ingest_prints_progress_and_counters_not_harness_chatter(digits_100,
                                                                                tmp_path):
   out = tmp_path / "sources"
@@ -57,6 +58,7 @@ def test_a_two_worker_ingest_prints_progress_and_counters_not_harness_chatter(di
   assert lines[-1].endswith(f"ingest: 99 images in 10 classes, 1 shards, 1 dead letters -> {out}")
 
 
+@pytest.mark.e2e
 def test_verbose_brings_the_library_logs_back(digits_100, tmp_path):
   result = _run(["-m", "data_prep.ingest", f"--images={digits_100}", f"--out={tmp_path / 's'}",
                  "--verbose"] + BEAM_2_WORKERS, tmp_path)
@@ -68,6 +70,7 @@ def test_verbose_brings_the_library_logs_back(digits_100, tmp_path):
   assert "ingest: 100/100 images in " in text  # progress still counts
 
 
+@pytest.mark.e2e
 def test_worker_warnings_and_errors_reach_the_console_once(tmp_path):
   script = tmp_path / "job.py"
   script.write_text(textwrap.dedent("""
@@ -133,6 +136,7 @@ def test_progress_line_has_rate_and_eta():
   assert unknown.text(final=True).startswith("ingest: 5 images in 0:00, ")
 
 
+@pytest.mark.e2e
 def test_the_main_job_passes_verbose_to_its_beam_jobs(capfd, tmp_path):
   from mnv4_train import demo
   demo.parse_args(["--verbose", f"--workspace={tmp_path}"])

@@ -103,6 +103,7 @@ def test_ingest_corpus_withholds_labels_thins_classes_and_adds_ood(idx_folder, t
   assert sorted(_read_shards(str(tmp_path / "only"))) == sorted(ood_ids)
 
 
+@pytest.mark.e2e
 def test_missing_fashion_mnist_is_one_line_with_how_to_get_it(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "data_prep.ingest", "--fashion_mnist=train",
                          f"--fashion_mnist_dir={tmp_path}", f"--out={tmp_path / 'out'}"],

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("data_prep", "mnv4_train", "launch", "benchmarks")
 # TensorFlow's C++ start-up lines (TF_CPP_MIN_LOG_LEVEL governs them).
@@ -122,6 +124,7 @@ def test_importing_the_library_leaves_tensorflow_logging_alone():
   assert result.stdout.strip() == "None"
 
 
+@pytest.mark.e2e
 def test_a_command_line_loading_tensorflow_prints_no_tensorflow_chatter():
   # data_prep.ingest imports TensorFlow and Beam before it reads its flags (--out is missing).
   result = subprocess.run([sys.executable, "-m", "data_prep.ingest", "--images=x"],
@@ -130,3 +133,24 @@ def test_a_command_line_loading_tensorflow_prints_no_tensorflow_chatter():
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "--out" in lines[0], result.stderr
   assert not any(c in result.stderr for c in TF_CHATTER), result.stderr
+
+
+def test_the_settings_parse_without_loading_tensorflow():
+  """A recipe is parsed, and a bad binding refused, before TensorFlow loads (seconds, not the
+  import's ten): the settings groups live in `mnv4_train.config`, which imports gin only."""
+  script = (
+      "import sys\n"
+      "from mnv4_train import main\n"
+      "from mnv4_train.errors import ConfigError\n"
+      "main.parse_gin(['digits_distill'], ['schedule.train_steps=5'])\n"
+      "import gin\n"
+      "print(gin.query_parameter('schedule.train_steps'), gin.query_parameter('data.eval_data'))\n"
+      "gin.clear_config()\n"
+      "try:\n"
+      "  main.parse_gin(['smoke'], ['schedule.no_such_arg=1'])\n"
+      "except ConfigError as e:\n"
+      "  print(str(e).split(':')[0])\n"
+      "print(sorted(m for m in ('tensorflow', 'keras', 'apache_beam') if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                       check=True).stdout.splitlines()
+  assert out == ["5 sources/holdout", "bad gin binding 'schedule.no_such_arg=1'", "[]"], out

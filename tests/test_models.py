@@ -299,6 +299,7 @@ def test_summary_cli_bad_model_is_one_line():
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_summary_cli_per_stage_table_adds_up():
   result = _run_summary("--model", "conv_s")
   assert result.returncode == 0, result.stderr

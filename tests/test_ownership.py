@@ -105,6 +105,7 @@ def test_an_out_that_overlaps_an_input_or_is_not_ours_is_refused_and_nothing_is_
   assert snapshot(site) == before  # nothing written, nothing removed, nothing moved
 
 
+@pytest.mark.e2e
 def test_the_cli_says_it_in_one_line_with_exit_status_2(site):
   before = snapshot(site)
   proc = _cli("data_prep.ingest", f"--images={site / 'images'}", f"--out={site}")
@@ -134,6 +135,7 @@ def test_overwrite_replaces_only_a_finished_output_of_the_same_kind(site):
   assert snapshot(empty) == built
 
 
+@pytest.mark.e2e
 def test_two_jobs_on_one_out_one_writes_the_other_stops_naming_the_holder(site):
   out = site / "sources"
   argv = [sys.executable, "-m", "data_prep.ingest", f"--images={site / 'images'}",
@@ -246,6 +248,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpf
 
 
 @needs_root
+@pytest.mark.e2e
 def test_a_beam_job_on_a_full_disk_says_so_in_one_line_and_leaves_nothing(digits_folder,
                                                                           tmp_path):
   with small_disk(tmp_path / "disk", "24k") as disk:

@@ -90,6 +90,7 @@ def test_gradients_reach_every_student_weight_and_no_teacher_weight():
   assert all(g is None for g in grads[len(student.trainable_variables):])
 
 
+@pytest.mark.e2e
 def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
   """The loss and wrapper are keras.ops only: `fit` runs on JAX and the loss falls."""
   script = tmp_path / "jax_fit.py"
@@ -633,7 +634,7 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, distill_records, tmp
                   "--gin_bindings: train.train_steps is now schedule.train_steps; "
                   "train.no_such_arg is no setting (the settings are in groups now: data, "
                   "augment, student, loss, schedule, optimizer, cadence, runtime; see "
-                  "mnv4_train/train.py)")
+                  "mnv4_train/config.py)")
   old = tmp_path / "old.gin"
   (tmp_path / "old_base.gin").write_text("train.data_root = None\ntrain.model_options = {}\n")
   old.write_text("include 'old_base.gin'\n")
