@@ -19,7 +19,12 @@ paper's section 8 in miniature, in a workspace folder (WORKSPACE.md):
 `--ablation` adds the students of the paper's Table 8 (D1, D2, D3, D1+D2, D2+D3 alone) with the
 same number of steps, and an ablation table and PNG. `--dataset digits` runs the quick digits
 path (D1 + D2, no corpus); `--images=PATH` runs that path on your own folder (class_name/*.jpg|png,
-any number of classes; corrupt files are counted and skipped).
+any number of classes; corrupt files are counted and skipped). `--images=PATH --corpus=DIR` runs
+this section-8 path on your folder instead: DIR is your "JFT", a folder of unlabelled images
+(subfolders one level deep allowed), from which stage 5 selects D3; the folder is split by a
+stable id hash into test (`--holdout_fraction`, 0.2), validation (`--val`, 0.1) and training
+images, and the distilled student's length is scaled to the training images (the main job's
+2,000 steps for its 5,400).
 
 Each stage runs as its own process, as a user would run it, and each stage's output is complete
 or absent: Beam jobs write to a temporary folder and rename it, training runs resume from their
@@ -43,6 +48,10 @@ PROG = "mnv4_train.demo"
 # The distilled students' default length: fashion_distill.gin's schedule.train_steps (a test keeps
 # the two equal); the demo always binds it, so --student_steps changes every distilled run.
 DISTILL_STEPS = 2000
+# The main job's labelled training images (--labelled 0.09 of 60,000), which DISTILL_STEPS is
+# for: a folder with a corpus trains its distilled student DISTILL_STEPS x its own / this.
+FASHION_LABELLED = 5400
+MIN_FOLDER_STEPS = 100
 
 
 class StageFailed(UserError):
@@ -62,12 +71,15 @@ def parse_args(argv):
   parser.add_argument("--labelled", type=float, default=0.09,
                       help="fashion_mnist: fraction of the 60,000 training images in the "
                       "labelled training subset")
-  parser.add_argument("--val", type=float, default=0.02,
-                      help="fashion_mnist: fraction carved from the training images for "
-                      "validation (every choice was made on it)")
-  parser.add_argument("--corpus", type=float, default=1.0,
+  parser.add_argument("--val", type=float, default=None,
+                      help="fraction carved for validation (every choice was made on it): "
+                      "fashion_mnist, of the training images (default 0.02); with --images "
+                      "--corpus, of your folder (default 0.1)")
+  parser.add_argument("--corpus", default=None,
                       help="fashion_mnist: the corpus is the training images from the labelled "
-                      "and validation fractions up to this one (1.0: all the rest)")
+                      "and validation fractions up to this fraction (default 1.0: all the rest); "
+                      "with --images: a folder of your unlabelled images (subfolders one level "
+                      "deep allowed) from which D3 is selected, as the main job does")
   parser.add_argument("--rare_classes", default="2:0.1,4:0.1,6:0.1",
                       help="fashion_mnist: CLASS:FRACTION kept in the corpus, to make it "
                       "imbalanced")
@@ -82,9 +94,11 @@ def parse_args(argv):
   parser.add_argument("--threshold", type=float, default=0.3,
                       help="fashion_mnist: relevance score above which a corpus image may enter "
                       "D3 (the paper's 0.3)")
-  parser.add_argument("--student_steps", type=int, default=DISTILL_STEPS,
-                      help="fashion_mnist: steps of every distilled student (default "
-                      f"{DISTILL_STEPS}, as fashion_distill.gin; the README's full run: 8000)")
+  parser.add_argument("--student_steps", type=int, default=None,
+                      help="steps of every distilled student: fashion_mnist's default "
+                      f"{DISTILL_STEPS}, as fashion_distill.gin (the README's full run: 8000); "
+                      f"with --images --corpus, {DISTILL_STEPS} x training images / "
+                      f"{FASHION_LABELLED:,} (at least {MIN_FOLDER_STEPS})")
   parser.add_argument("--workspace", default=None,
                       help="workspace folder (default workspace/digits, or workspace/<folder "
                       "name> with --images)")
@@ -119,6 +133,23 @@ def parse_args(argv):
     parser.error(f"--images {args.images} is not a folder of class_name/ subfolders")
   if args.images is not None:
     args.dataset = "folder"
+  args.section8 = args.dataset == "fashion_mnist" or args.corpus is not None
+  if args.dataset == "fashion_mnist":
+    try:
+      args.corpus = 1.0 if args.corpus is None else float(args.corpus)
+    except ValueError:
+      parser.error(f"--corpus takes a fraction with --dataset fashion_mnist (a folder with "
+                   f"--images), got {args.corpus!r}")
+    args.val = 0.02 if args.val is None else args.val
+    args.student_steps = DISTILL_STEPS if args.student_steps is None else args.student_steps
+  elif args.corpus is not None:
+    if args.images is None:
+      parser.error("--corpus DIR goes with --images (your folder); --dataset digits has no corpus")
+    if not os.path.isdir(args.corpus):
+      parser.error(f"--corpus {args.corpus} is not a folder of unlabelled images")
+    args.val = 0.1 if args.val is None else args.val
+    if not (0 < args.val and 0 < args.holdout_fraction and args.val + args.holdout_fraction < 1):
+      parser.error("--val and --holdout_fraction need 0 < each and val + holdout_fraction < 1")
   default = "4,4,2" if args.dataset == "fashion_mnist" else "4"
   try:
     reps = [int(r) for r in (args.replicas or default).split(",")]
@@ -129,7 +160,7 @@ def parse_args(argv):
   if len(reps) != 3 or min(reps) < 1:
     parser.error(f"--replicas takes N or D1,D2,D3 (each >= 1), got {args.replicas!r}")
   args.replicas = dict(zip(("d1", "d2", "d3"), reps))
-  if args.student_steps < 1:
+  if args.student_steps is not None and args.student_steps < 1:
     parser.error(f"--student_steps must be >= 1, got {args.student_steps}")
   if not 0 <= args.jpeg_quality <= 100:
     parser.error(f"--jpeg_quality must be in [0, 100] (0: no JPEG step), got {args.jpeg_quality}")
@@ -137,19 +168,20 @@ def parse_args(argv):
     parser.error(f"--beam_workers must be >= 1, got {args.beam_workers}")
   if args.resolution < 32:
     parser.error(f"--resolution must be >= 32 (the models downsample 32x), got {args.resolution}")
-  if not (0 < args.labelled and 0 < args.val and args.labelled + args.val < args.corpus <= 1.0):
+  if args.dataset == "fashion_mnist" and not (
+      0 < args.labelled and 0 < args.val and args.labelled + args.val < args.corpus <= 1.0):
     parser.error("--labelled, --val and --corpus need 0 < labelled, val and labelled + val < "
                  "corpus <= 1")
   if not 0 < args.test <= 1.0 or args.ood < 0:
     parser.error("--test must be in (0, 1] and --ood >= 0")
-  if args.ablation and args.dataset != "fashion_mnist":
-    parser.error("--ablation runs on --dataset fashion_mnist only (it needs the corpus for D3)")
+  if args.ablation and not args.section8:
+    parser.error("--ablation needs a corpus for D3: --dataset fashion_mnist, or --images with "
+                 "--corpus")
   if args.flip == "auto":
     args.flip = "no" if args.dataset == "digits" else "yes"
-  fashion = args.dataset == "fashion_mnist"
   if args.crop_area_min is None:  # chosen on the validation split (README, "The main job")
-    args.crop_area_min = 1.0 if fashion else 0.5
-  if args.ra_magnitude is None and fashion:
+    args.crop_area_min = 1.0 if args.section8 else 0.5
+  if args.ra_magnitude is None and args.section8:
     args.ra_magnitude = 2.0
   if not 0.0 < args.crop_area_min <= 1.0:
     parser.error(f"--crop_area_min must be in (0, 1], got {args.crop_area_min}")
@@ -398,9 +430,11 @@ WORKSPACE_ENTRIES = frozenset({
     "runs", "selections", "sources", "stage_times.json", ownership.OWNER})
 
 
-def check_workspace(workspace: str, images: str | None) -> None:
-  """Refuses a workspace that overlaps the user's images or holds what this job did not write."""
-  ownership.check_overlap(workspace, {"--images": images}, what="--workspace")
+def check_workspace(workspace: str, images: str | None, corpus: str | None = None) -> None:
+  """Refuses a workspace that overlaps the user's images (or corpus) or holds what this job did
+  not write."""
+  ownership.check_overlap(workspace, {"--images": images, "--corpus": corpus},
+                          what="--workspace")
   if not os.path.exists(workspace):
     return
   if not os.path.isdir(workspace):
@@ -416,7 +450,8 @@ def check_workspace(workspace: str, images: str | None) -> None:
 
 def run(argv=None) -> dict:
   args = parse_args(argv)
-  check_workspace(args.workspace, args.images)
+  check_workspace(args.workspace, args.images,
+                  args.corpus if args.dataset == "folder" else None)
   try:
     os.makedirs(args.workspace, exist_ok=True)
   except OSError as e:
@@ -425,7 +460,7 @@ def run(argv=None) -> dict:
   claim = ownership.claim(args.workspace, "--workspace")
   try:
     _log(f"workspace {args.workspace}")
-    if args.dataset == "fashion_mnist":
+    if args.section8:
       return run_fashion(args)
     return run_folder(args)
   finally:
@@ -512,6 +547,30 @@ def _fashion_sources(args):
          key=f"sources/{subset}")
 
 
+def _folder_sources(args):
+  """Your folder split by a stable id hash (test: the quick path's held-out images; then
+  validation; the rest trains), and your corpus, unlabelled."""
+  ws = args.workspace
+  low, high = args.holdout_fraction, args.holdout_fraction + args.val
+  images = [f"--images={args.images}"]
+  subsets = {
+      "train": images + [f"--hash_range={high},1", "--num_shards=2"],
+      "val": images + [f"--hash_range={low},{high}", "--num_shards=1"],
+      "corpus": [f"--unlabeled_only={args.corpus}", "--num_shards=4"],
+      "test": images + [f"--hash_range=0,{low}", "--num_shards=2"],
+  }
+  for subset, flags in subsets.items():
+    folder = os.path.join(ws, "sources", subset)
+    _job(f"2/9 sources ({subset})", folder,
+         ["data_prep.ingest", f"--out={folder}"] + flags + beam_local(args.beam_workers),
+         workspace=ws, key=f"sources/{subset}")
+
+
+def folder_student_steps(train_images: int) -> int:
+  """The distilled student's length on a folder: the main job's steps per labelled image."""
+  return max(MIN_FOLDER_STEPS, round(DISTILL_STEPS * train_images / FASHION_LABELLED))
+
+
 def _steps_suffix(args):
   """Workdirs of runs at a non-default length are named by it, so none is reused by mistake."""
   return "" if args.student_steps == DISTILL_STEPS else f"_s{args.student_steps}"
@@ -568,9 +627,11 @@ def _selection_figures(ws):
             ood_kept += 1
             ood_records += row["copies"]
   corpus = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"), "the corpus")
-  ood_total = corpus.source.get("unlabeled_images") and sum(
-      1 for c in os.listdir(os.path.join(ws, "ood_digits")) if c.isdigit()
-      for _ in os.listdir(os.path.join(ws, "ood_digits", c)))
+  ood = os.path.join(ws, "ood_digits")  # the main job's digits, mixed into its corpus
+  ood_total = corpus.source.get("unlabeled_images") and os.path.isdir(ood) and sum(
+      1 for c in os.listdir(ood) if c.isdigit() for _ in os.listdir(os.path.join(ood, c)))
+  if not ood_total:  # a corpus of your own: nothing in it is known to be out of distribution
+    ood_kept = ood_records = 0
   return {"corpus_images": corpus.num_examples, "ood_images": ood_total or 0,
           "threshold": m.threshold, "per_class": m.per_class,
           "above_threshold": m.num_above_threshold,
@@ -585,7 +646,13 @@ def run_fashion(args) -> dict:
   ws = args.workspace
   beam = beam_local(args.beam_workers)
   start = time.time()
-  _fashion_sources(args)
+  if args.dataset == "fashion_mnist":
+    _fashion_sources(args)
+  else:
+    _folder_sources(args)
+    if args.student_steps is None:
+      args.student_steps = folder_student_steps(formats.SourceShards.read(
+          os.path.join(ws, "sources", "train"), "sources/train").num_examples)
   runs = os.path.join(ws, "runs")
   _train("3/9 teacher", "fashion_teacher.gin", os.path.join(runs, "teacher"), args)
   _train("4/9 baseline", "fashion_student.gin", os.path.join(runs, "student_labels"), args)
@@ -593,7 +660,9 @@ def run_fashion(args) -> dict:
   relevance = os.path.join(runs, "student_labels", "export", "student.keras")
   corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
                                           "the corpus").num_examples
-  per_class = args.per_class or max(100, int(round(corpus_size / 10, -2)))
+  num_classes = formats.SourceShards.read(os.path.join(ws, "sources", "train"),
+                                         "sources/train").num_classes
+  per_class = args.per_class or max(100, int(round(corpus_size / num_classes, -2)))
   selection = os.path.join(ws, "selections", "d3")
   _job("5/9 d3 select", selection,
        ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
@@ -659,12 +728,12 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
   for subset in ("train", "val", "corpus", "test"):
     m = formats.SourceShards.read(os.path.join(ws, "sources", subset), f"sources/{subset}")
     sources[subset] = {"images": m.num_examples, "counts_per_class": m.counts_per_class,
-                       "unlabeled": m.unlabeled}
+                       "unlabeled": m.unlabeled, "unreadable_skipped": m.dead_letter}
   selection = _selection_figures(ws)
   table8 = [{"mixture": name, "top1": by_workdir[w]["top1"], "workdir": w,
              "train_seconds": by_workdir[w]["train_seconds"]} for name, w in ablation.items()]
   views = teacher_on_views(ws, ("d1", "d2", "d3"))
-  out = {"workspace": ws, "dataset": "fashion_mnist", "resolution": args.resolution,
+  out = {"workspace": ws, "dataset": args.dataset, "resolution": args.resolution,
          "sources": sources, "selection": selection, "runs": rows, "ablation": table8,
          "teacher_on_views": views,
          "teacher_clean_top1": {"test": rows[0]["top1"], "val": rows[0]["val_top1"]},
@@ -675,14 +744,21 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
   with open(os.path.join(ws, "report.json"), "w") as f:
     json.dump(out, f, indent=1)
   print()
-  print(f"Fashion-MNIST: {sources['train']['images']} labelled training images, "
-        f"{sources['val']['images']} validation, corpus of {sources['corpus']['images']} "
-        f"unlabelled ({selection['ood_images']} of them out-of-distribution digits), "
-        f"{sources['test']['images']} test images")
+  fashion = args.dataset == "fashion_mnist"
+  ood = (f" ({selection['ood_images']} of them out-of-distribution digits)" if fashion else "")
+  print(f"{'Fashion-MNIST' if fashion else args.images}: {sources['train']['images']} labelled "
+        f"training images, {sources['val']['images']} validation, corpus of "
+        f"{sources['corpus']['images']} unlabelled{ood}, {sources['test']['images']} test images")
+  if not fashion:
+    skipped = {k: v["unreadable_skipped"] for k, v in sources.items() if v["unreadable_skipped"]}
+    print(f"{sum(skipped.values())} unreadable files skipped"
+          + (f" ({', '.join(f'{k} {v}' for k, v in skipped.items())}; listed in "
+             "sources/*/dead_letter.jsonl)" if skipped else ""))
+  ood = (f"{selection['ood_kept']} of the {selection['ood_images']} digits made it into D3; "
+         if fashion else "")
   print(f"D3 (relevance filter: the label-only student, > {selection['threshold']}): "
         f"{selection['above_threshold']} of {selection['corpus_images']} corpus images pass; "
-        f"{selection['ood_kept']} of the {selection['ood_images']} digits made it into D3; "
-        f"kept per class {selection['kept_per_class']} -> records per class after "
+        f"{ood}kept per class {selection['kept_per_class']} -> records per class after "
         f"replication {selection['records_per_class']}")
   print(f"{'model':<38}{'test top-1':>11}{'val top-1':>10}{'params':>10}{'MACs':>11}"
         f"{'images/s':>9}")
@@ -697,7 +773,8 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
       took = t["train_seconds"]
       print(f"  {t['mixture']:<10}{100 * t['top1']:>7.2f}%"
             + (f"   trained in {took / 60:.1f} min" if took else ""))
-  print(f"(test: the {sources['test']['images']} official test images, read only here; "
+  what = "official test images" if fashion else "held-out images of your folder"
+  print(f"(test: the {sources['test']['images']} {what}, read only here; "
         f"images/s: batch 64 at {args.resolution} px on this CPU; curves: {out['curves']}; "
         f"all of it in {os.path.join(ws, 'report.json')}; {seconds / 60:.1f} min)")
   return out

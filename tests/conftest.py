@@ -30,7 +30,7 @@ E2E_FIXTURES = frozenset({"source_shards", "teacher_path", "distill_records", "t
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
-  """Marks the end-to-end tests `e2e`, then orders the collection for two xdist workers.
+  """Marks the end-to-end tests `e2e`, then orders the collection for the xdist workers.
 
   `e2e` (deselect with `-m "not e2e"` for the fast tier): marked `slow` or `e2e` in the test
   files, or asking for a fixture that runs a Beam job or a training run (E2E_FIXTURES).
@@ -38,27 +38,35 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
   for item in items:
     if item.get_closest_marker("slow") or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.e2e)
-  _order_for_two_workers(items)
+  _order_for_workers(items)
 
 
-def _order_for_two_workers(items):
-  """Starts each of two xdist workers with its share of the long end-to-end tests.
+def _order_for_workers(items):
+  """Starts each xdist worker with its share of the long end-to-end tests.
 
-  The `worksteal` scheduler hands worker 0 the first half of this order and worker 1 the rest,
-  then lets an idle worker take queued tests from the other's tail. The `lead(worker)` tests
-  (minutes each) go to the head of their half; everything else keeps its order, so a file's
-  tests (and its fixtures) mostly stay on one worker.
+  The `worksteal` scheduler hands its k workers consecutive chunks of this order (the first
+  floor(n/k) tests, then a share of the rest, ...), then lets an idle worker take queued tests
+  from another's tail. The `lead(i)` tests (minutes each) go to the head of chunk i (the last chunk when
+  i >= k);
+  everything else keeps its order, so a file's tests (and its fixtures) mostly stay on one
+  worker.
   """
-  leads = {0: [], 1: []}
+  workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+  leads = [[] for _ in range(workers)]
   rest = []
   for item in items:
     mark = item.get_closest_marker("lead")
-    (leads[mark.args[0]] if mark else rest).append(item)
-  if not leads[0] and not leads[1]:
+    (leads[min(mark.args[0], workers - 1)] if mark else rest).append(item)
+  if workers < 2 or not any(leads):
     return
-  half = len(items) // 2
-  first = leads[0] + rest[:max(0, half - len(leads[0]))]
-  items[:] = first + leads[1] + rest[len(first) - len(leads[0]):]
+  ordered, left = [], len(items)
+  for worker in range(workers):
+    size = left // (workers - worker)  # what the scheduler sends this chunk's worker
+    take = max(0, size - len(leads[worker]))
+    ordered += leads[worker] + rest[:take]
+    rest = rest[take:]
+    left -= size
+  items[:] = ordered + rest
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """The scale planner's arithmetic (benchmarks/scale_plan.py): quantities that follow from inputs."""
 
 import math
+import os
 
 import pytest
 
@@ -129,3 +130,25 @@ def test_relevance_filter_scores_rank_in_distribution_images_first():
   ids = [f"unlabeled/{i}.png" for i in range(1000)]
   halves = [relevance_filter.half(i) for i in ids]
   assert halves == [relevance_filter.half(i) for i in ids] and 400 < sum(halves) < 600
+
+
+@pytest.mark.e2e
+def test_own_folder_builds_a_labelled_folder_and_a_disjoint_nested_corpus(tmp_path):
+  from benchmarks import own_folder
+  from data_prep import fashion_mnist
+  assert fashion_mnist.locate("test"), fashion_mnist.HOW_TO_GET
+  counts = own_folder.build_folders(str(tmp_path), per_class=3)
+  assert counts == {"folder": 30, "corpus": 9970}
+  classes = sorted(os.listdir(tmp_path / "folder"))
+  assert classes == sorted(fashion_mnist.CLASS_NAMES)
+  _, labels = fashion_mnist.load("test")
+  labelled = set()
+  for name in classes:
+    for f in os.listdir(tmp_path / "folder" / name):
+      index = int(f.split(".")[0])
+      assert fashion_mnist.CLASS_NAMES[labels[index]] == name
+      labelled.add(index)
+  corpus = {int(f.split(".")[0]) for part in os.listdir(tmp_path / "corpus")
+            for f in os.listdir(tmp_path / "corpus" / part)}
+  assert len(labelled) == 30 and len(corpus) == 9970 and not labelled & corpus
+  assert own_folder.build_folders(str(tmp_path), per_class=3) == counts  # built once

@@ -86,12 +86,33 @@ def _as_from_a_terminal():
   signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _user_corpus(root):
+  """Unlabelled real digit scans in nested folders (the classes of the folder and others), plus
+  a corrupt file: a user's "JFT"."""
+  written = write_digits_folder(str(root / "pool"), per_class=20)
+  count = 0
+  for rel, label in sorted(written.items()):
+    if os.path.exists(root / "png" / rel):
+      continue  # the folder's own images (_user_folder's) stay out of the corpus
+    folder = root / "corpus" / f"batch{count % 2}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{count:04d}.png").write_bytes((root / "pool" / rel).read_bytes())
+    count += 1
+  (root / "corpus" / "batch0" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  return str(root / "corpus"), count
+
+
 @pytest.mark.slow
-@pytest.mark.lead(1)
-def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
+@pytest.mark.lead(2)
+def test_own_image_folder_and_corpus_with_corrupt_files_and_a_resumed_stage(tmp_path):
+  """Your folder with your unlabelled corpus: the main job's path (D3 selected from the corpus,
+  D1:D2:D3 = 1:1:2), corrupt files skipped, and a Ctrl-C resumed."""
   folder, good = _user_folder(tmp_path)
+  corpus, pooled = _user_corpus(tmp_path)
   ws = str(tmp_path / "ws")
-  args = [f"--images={folder}", f"--workspace={ws}", "--epochs=1", "--replicas=1",
+  args = [f"--images={folder}", f"--corpus={corpus}", f"--workspace={ws}", "--epochs=1",
+          "--replicas=1", "--per_class=12", "--student_steps=12", "--val=0.15",
+          "--threshold=0.1",  # a 1-epoch relevance classifier is barely confident
           "--beam_workers=1"]
   # Ctrl-C during the teacher's training, then the same command again: it resumes.
   proc = subprocess.Popen([sys.executable, "-m", "mnv4_train.demo", *args], cwd=REPO,
@@ -112,12 +133,38 @@ def test_own_image_folder_with_corrupt_files_and_a_resumed_stage(tmp_path):
   assert "resumed from" in second.stderr
   report = json.load(open(os.path.join(ws, "report.json")))
   src = report["sources"]
-  assert src["train"]["classes"] == 3
-  assert src["train"]["images"] + src["holdout"]["images"] == good
-  assert src["train"]["unreadable_skipped"] == 2
-  assert "2 unreadable files skipped" in out
-  assert all(0.0 <= r["top1"] <= 1.0 for r in report["runs"])
-  assert "2/8 sources (train): finished before" in out
+  assert len(src["train"]["counts_per_class"]) == 3 and report["dataset"] == "folder"
+  assert src["train"]["images"] + src["val"]["images"] + src["test"]["images"] == good
+  assert min(src[s]["images"] for s in ("train", "val", "test")) > 0
+  # The folder's 2 corrupt files, each in the split its id hashes to, and the corpus' one.
+  assert sum(src[s]["unreadable_skipped"] for s in ("train", "val", "test")) == 2
+  assert src["corpus"]["unreadable_skipped"] == 1
+  assert src["corpus"]["images"] == src["corpus"]["unlabeled"] == pooled
+  assert "3 unreadable files skipped" in out
+  assert "2/9 sources (train): finished before" in out
+  # D3 came from the corpus through the relevance filter, at most 12 per class; the student
+  # drew D1:D2:D3 at about 1:1:2, for the steps asked.
+  sel = report["selection"]
+  assert sel["corpus_images"] == pooled and sel["per_class"] == 12
+  assert all(k <= 12 for k in sel["kept_per_class"]) and sum(sel["kept_per_class"]) > 0
+  d3 = json.load(open(os.path.join(ws, "distill", "d3", "manifest.json")))
+  assert d3["num_records"] == sum(sel["records_per_class"])
+  assert report["teacher_on_views"]["d3"]["against"] == "selection class"
+  student = report["runs"][2]
+  assert student["steps"] == 12 and "distilled" in student["model"]
+  hist = [json.loads(line) for line in open(os.path.join(student["workdir"], "history.jsonl"))]
+  drawn = {k: sum(h["mixture"][k] for h in hist) for k in ("d1", "d2", "d3")}
+  assert drawn["d3"] > drawn["d1"] and drawn["d3"] > drawn["d2"], drawn
+  assert all(0.0 <= r["top1"] <= 1.0 and r["test_images"] == src["test"]["images"]
+             for r in report["runs"])
+  assert "held-out images of your folder" in out
+
+
+def test_the_distilled_students_length_on_a_folder_follows_its_size():
+  from mnv4_train import demo
+  assert demo.folder_student_steps(demo.FASHION_LABELLED) == demo.DISTILL_STEPS
+  assert demo.folder_student_steps(2 * demo.FASHION_LABELLED) == 2 * demo.DISTILL_STEPS
+  assert demo.folder_student_steps(10) == demo.MIN_FOLDER_STEPS
 
 
 def test_bad_flags_stop_with_one_line(tmp_path):
