@@ -81,15 +81,16 @@ def plot(rows, path):
   for k, (path_name, row) in enumerate(rows.items()):
     values = [100 * row[n] for n in names]
     xs = [i + (k - 0.5) * width for i in range(len(names))]
-    ax.bar(xs, values, width, label=path_name)
+    ax.bar(xs, values, width,
+           label=f"{path_name} (student {row['student_params'] / 1e6:.2f} M parameters)")
     for x, v in zip(xs, values):
       ax.text(x, v + 0.2, f"{v:.2f}", ha="center", fontsize=8)
   ax.set_xticks(range(len(names)), names)
   low = min(100 * r[n] for r in rows.values() for n in names) - 3
-  ax.set_ylim(low, 100)
+  ax.set_ylim(low, max(100 * r["teacher"] for r in rows.values()) + 6)
   ax.set_ylabel("held-out top-1 (%)")
   ax.set_title("your folder: the quick path against the path with a corpus")
-  ax.legend(loc="lower right", fontsize=8)
+  ax.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -120,6 +121,7 @@ def main(argv=None):
     rows[name] = {"teacher": teacher["top1"], "labels only": labels["top1"],
                   "distilled": distilled["top1"],
                   "gain": distilled["top1"] - labels["top1"],
+                  "student_params": distilled["params"],
                   "test_images": teacher.get("test_images",
                                              report["sources"].get("holdout", {}).get("images")),
                   "val": ({"teacher": teacher["val_top1"], "labels only": labels["val_top1"],
@@ -132,10 +134,12 @@ def main(argv=None):
   plot(rows, os.path.join(ws, "own_folder.png"))
   print(f"\nFashion-MNIST test split as your folder: {counts['folder']} labelled images, a corpus "
         f"of {counts['corpus']}; held-out top-1 ({rows['quick']['test_images']} images):")
-  print(f"{'path':<8}{'teacher':>9}{'labels only':>13}{'distilled':>11}{'gain':>8}{'minutes':>9}")
+  print(f"{'path':<8}{'teacher':>9}{'labels only':>13}{'distilled':>11}{'gain':>8}"
+        f"{'student params':>16}{'minutes':>9}")
   for name, r in rows.items():
     print(f"{name:<8}{100 * r['teacher']:>8.2f}%{100 * r['labels only']:>12.2f}%"
-          f"{100 * r['distilled']:>10.2f}%{100 * r['gain']:>+7.2f}{r['minutes']:>9.1f}")
+          f"{100 * r['distilled']:>10.2f}%{100 * r['gain']:>+7.2f}{r['student_params']:>16,}"
+          f"{r['minutes']:>9.1f}")
   val = rows["corpus"]["val"]
   print(f"corpus path on its validation split: teacher {100 * val['teacher']:.2f}%, labels only "
         f"{100 * val['labels only']:.2f}%, distilled {100 * val['distilled']:.2f}%")

@@ -89,11 +89,11 @@ def parse_args(argv):
   parser.add_argument("--test", type=float, default=1.0,
                       help="fashion_mnist: fraction of the 10,000 test images to evaluate on")
   parser.add_argument("--per_class", type=int, default=None,
-                      help="fashion_mnist: D3's K images per class (default: the corpus size "
-                      "/ 10, rounded to 100)")
+                      help="D3's K images per class (default: the corpus size / the number of "
+                      "classes, rounded to 100, at least 100)")
   parser.add_argument("--threshold", type=float, default=0.3,
-                      help="fashion_mnist: relevance score above which a corpus image may enter "
-                      "D3 (the paper's 0.3)")
+                      help="relevance score above which a corpus image may enter D3 (the "
+                      "paper's 0.3)")
   parser.add_argument("--student_steps", type=int, default=None,
                       help="steps of every distilled student: fashion_mnist's default "
                       f"{DISTILL_STEPS}, as fashion_distill.gin (the README's full run: 8000); "
@@ -551,7 +551,7 @@ def _folder_sources(args):
   """Your folder split by a stable id hash (test: the quick path's held-out images; then
   validation; the rest trains), and your corpus, unlabelled."""
   ws = args.workspace
-  low, high = args.holdout_fraction, args.holdout_fraction + args.val
+  low, high = args.holdout_fraction, round(args.holdout_fraction + args.val, 6)
   images = [f"--images={args.images}"]
   subsets = {
       "train": images + [f"--hash_range={high},1", "--num_shards=2"],
