@@ -16,6 +16,9 @@ student, and the teacher) gives each image several scores:
   mahalanobis  minus the smallest Mahalanobis distance of the penultimate features (the
                `flatten` layer) to a class mean, with one shared covariance, both fitted on the
                labelled training split `sources/train` (Lee et al., 2018)
+  knnK         the cosine similarity of the L2-normalised penultimate features to their K-th
+               nearest neighbour among the training split's (deep nearest neighbours; Sun et
+               al., 2022), K = 1, 10, 50
 
 For each, the threshold is the one that keeps `--id_pass` (95%) of the validation split's
 garments (`sources/val`, labelled, never in the corpus). The out-of-distribution digits are cut
@@ -46,7 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mnv4_train.data import augment, formats, records  # noqa: E402
 from mnv4_train.models import checkpoint  # noqa: E402
 
-SCORES = ("msp", "max_logit", "energy", "margin", "mahalanobis")
+KNN = (1, 10, 50)
+SCORES = ("msp", "max_logit", "energy", "margin", "mahalanobis") + tuple(f"knn{k}" for k in KNN)
 OOD_PREFIX = "unlabeled/"  # ids of the images ingest's --unlabeled_images added to the corpus
 
 
@@ -98,8 +102,35 @@ class Mahalanobis:
     return -best
 
 
-def scores_of(model, images, fitted):
-  """{score name: [n]} of a model on `images`; `fitted` its Mahalanobis."""
+class NearestNeighbours:
+  """The training features, L2-normalised: a bank for the K-th nearest neighbour's similarity
+  (Sun et al., 2022)."""
+
+  def __init__(self, features, ks=KNN):
+    self.bank = _unit(features)
+    self.ks = ks
+
+  def scores(self, features, chunk=2048):
+    """{f"knn{k}": the cosine similarity to the k-th nearest training feature}: higher is more
+    in-distribution."""
+    unit = _unit(features)
+    out = {k: [] for k in self.ks}
+    for start in range(0, len(unit), chunk):
+      sims = unit[start:start + chunk] @ self.bank.T
+      top = -np.sort(-np.partition(sims, -max(self.ks), axis=1)[:, -max(self.ks):], axis=1)
+      for k in self.ks:
+        out[k].append(top[:, k - 1])
+    return {f"knn{k}": np.concatenate(v).astype(np.float64) for k, v in out.items()}
+
+
+def _unit(features):
+  features = np.asarray(features, np.float32)
+  return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def scores_of(model, images, fitted, neighbours):
+  """{score name: [n]} of a model on `images`; `fitted` its Mahalanobis, `neighbours` its
+  NearestNeighbours."""
   logits, features = outputs_of(model, images)
   top = logits.max(1, keepdims=True)
   probs = np.exp(logits - top)
@@ -107,7 +138,8 @@ def scores_of(model, images, fitted):
   ordered = np.sort(probs, 1)
   return {"msp": ordered[:, -1], "max_logit": logits.max(1),
           "energy": (top[:, 0] + np.log(np.exp(logits - top).sum(1))),
-          "margin": ordered[:, -1] - ordered[:, -2], "mahalanobis": fitted.score(features)}
+          "margin": ordered[:, -1] - ordered[:, -2], "mahalanobis": fitted.score(features),
+          **neighbours.scores(features)}
 
 
 def half(example_id):
@@ -137,8 +169,11 @@ def main(argv=None):
   rows = []
   for scorer, path in scorers.items():
     model = checkpoint.load_model(path, what=scorer, saved_model=False)
-    fitted = Mahalanobis(outputs_of(model, train)[1], train_labels)
-    on_val, on_corpus = scores_of(model, val, fitted), scores_of(model, corpus, fitted)
+    train_features = outputs_of(model, train)[1]
+    fitted = Mahalanobis(train_features, train_labels)
+    neighbours = NearestNeighbours(train_features)
+    on_val = scores_of(model, val, fitted, neighbours)
+    on_corpus = scores_of(model, corpus, fitted, neighbours)
     for score in SCORES:
       threshold = float(np.quantile(on_val[score], 1.0 - args.id_pass))
       rows.append(_row(f"{scorer} {score} > {threshold:.4g}", scorer, score, threshold,
@@ -180,7 +215,7 @@ def plot(rows, ws):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(12, 4.4))
+  fig, ax = plt.subplots(figsize=(15, 4.6))
   x = np.arange(len(rows))
   ax.bar(x - 0.2, [100 * r["id_kept_corpus"] for r in rows], 0.4, color="#4477aa",
          label="corpus garments kept (in-distribution)")

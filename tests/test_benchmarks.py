@@ -127,6 +127,15 @@ def test_relevance_filter_scores_rank_in_distribution_images_first():
   near = means[rng.integers(0, 2, 50)] + 0.5 * rng.normal(size=(50, 3))
   far = np.array([[5.0, 8.0, -8.0]]) + rng.normal(size=(50, 3))
   assert fitted.score(near).min() > fitted.score(far).max()
+  # Nearest neighbours: the k-th neighbour's similarity, highest for points among the bank's.
+  bank = relevance_filter.NearestNeighbours(features, ks=(1, 5))
+  scores = bank.scores(np.concatenate([features[:3], far[:3]]))
+  assert np.allclose(scores["knn1"][:3], 1.0, atol=1e-5)  # each is its own nearest neighbour
+  assert np.all(scores["knn5"] <= scores["knn1"] + 1e-6)
+  assert scores["knn5"][:3].min() > scores["knn5"][3:].max()
+  direction = np.array([[0.0, 1.0, 0.0]])  # along the second axis: the training points' cosine
+  sims = (features / np.linalg.norm(features, axis=1, keepdims=True)) @ direction[0]
+  assert np.isclose(bank.scores(direction)["knn5"][0], np.sort(sims)[-5], atol=1e-5)
   ids = [f"unlabeled/{i}.png" for i in range(1000)]
   halves = [relevance_filter.half(i) for i in ids]
   assert halves == [relevance_filter.half(i) for i in ids] and 400 < sum(halves) < 600
