@@ -201,3 +201,16 @@ def test_a_resolution_the_models_cannot_take_is_refused_in_one_line(capsys):
   assert exit_info.value.code == 2 and len(err) == 1 and "--resolution must be >= 32" in err[0]
   assert demo.parse_args(["--dataset=digits", "--resolution=32",
                           "--workspace=/tmp/unused"]).resolution == 32
+
+
+def test_the_jpeg_step_defaults_to_what_each_paths_figures_were_measured_with(tmp_path):
+  """Fashion-MNIST: the paper's step at 95 (chosen on its validation split); digits and your
+  folders: none, as their figures were measured; the flag sets it for any path."""
+  from mnv4_train import demo
+  ws = f"--workspace={tmp_path / 'ws'}"
+  assert demo.parse_args([ws]).jpeg_quality == 95
+  assert demo.parse_args([ws, "--dataset=digits"]).jpeg_quality == 0
+  assert demo.parse_args([ws, f"--images={tmp_path}"]).jpeg_quality == 0
+  assert demo.parse_args([ws, f"--images={tmp_path}", f"--corpus={tmp_path}"]).jpeg_quality == 0
+  assert demo.parse_args([ws, "--jpeg_quality=0"]).jpeg_quality == 0
+  assert demo.parse_args([ws, "--dataset=digits", "--jpeg_quality=90"]).jpeg_quality == 90
