@@ -653,9 +653,9 @@ def run_fashion(args) -> dict:
     _fashion_sources(args)
   else:
     _folder_sources(args)
-    if args.student_steps is None:
-      args.student_steps = folder_student_steps(formats.SourceShards.read(
-          os.path.join(ws, "sources", "train"), "sources/train").num_examples)
+  train = formats.SourceShards.read(os.path.join(ws, "sources", "train"), "sources/train")
+  if args.student_steps is None:  # a folder's: scaled to its training images
+    args.student_steps = folder_student_steps(train.num_examples)
   runs = os.path.join(ws, "runs")
   _train("3/9 teacher", "fashion_teacher.gin", os.path.join(runs, "teacher"), args)
   _train("4/9 baseline", "fashion_student.gin", os.path.join(runs, "student_labels"), args)
@@ -663,9 +663,7 @@ def run_fashion(args) -> dict:
   relevance = os.path.join(runs, "student_labels", "export", "student.keras")
   corpus_size = formats.SourceShards.read(os.path.join(ws, "sources", "corpus"),
                                           "the corpus").num_examples
-  num_classes = formats.SourceShards.read(os.path.join(ws, "sources", "train"),
-                                         "sources/train").num_classes
-  per_class = args.per_class or max(100, int(round(corpus_size / num_classes, -2)))
+  per_class = args.per_class or max(100, int(round(corpus_size / train.num_classes, -2)))
   selection = os.path.join(ws, "selections", "d3")
   _job("5/9 d3 select", selection,
        ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
