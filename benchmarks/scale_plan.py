@@ -20,6 +20,13 @@ Cost model (first order, no overheads beyond the stated utilisations):
                      replay at the student's resolution for training hosts)
   training         = epochs x epoch images x 3 x student MACs (forward + backward) / (slice
                      peak x utilisation); steps = epochs x epoch images / global batch
+  offline / online = the teacher's forward passes: offline once per record (D1 + D2 + D3),
+                     shared by every student trained on the records; online (the teacher run
+                     on each training batch, as the "patient and consistent" baseline) once per
+                     example each student sees (epochs x epoch images), at the same teacher
+                     MACs and utilisation. N students cost offline teacher + N x student,
+                     online N x (teacher per student + student); offline wins from the N where
+                     the records' teacher time falls below N students' online teacher time.
 """
 
 from __future__ import annotations
@@ -185,6 +192,34 @@ def plan_training(a: Assumptions) -> TrainingPlan:
       paper_utilisation=examples * flops / (slice_flops * paper_seconds))
 
 
+@dataclasses.dataclass(frozen=True)
+class TeacherCost:
+  """Chip-hours of N students' distillation, the teacher offline (records) or online."""
+  students: int
+  offline_teacher_chip_hours: float    # the records' teacher, once for all N
+  online_teacher_chip_hours: float     # N x the teacher on every example each student sees
+  student_chip_hours: float            # N x one student's training
+  offline_total: float
+  online_total: float
+
+
+def plan_offline_vs_online(a: Assumptions, students=(1, 2, 5, 10)) -> list[TeacherCost]:
+  """The teacher's share of N students' cost, offline against online (see the module doc)."""
+  macs = teacher_macs(a)
+  chip_macs = a.chip_peak_tflops * 1e12 / 2 * a.teacher_utilisation
+  records = plan_datasets(a)[-1].records
+  per_student_online = a.epochs * a.imagenet_images * macs / chip_macs / 3600
+  offline = records * macs / chip_macs / 3600
+  student = plan_training(a).hours * a.train_chips
+  return [TeacherCost(n, offline, n * per_student_online, n * student, offline + n * student,
+                      n * (per_student_online + student)) for n in students]
+
+
+def teacher_forwards(a: Assumptions) -> tuple[int, int]:
+  """(forward passes of the teacher offline: every record once; online: per student)."""
+  return plan_datasets(a)[-1].records, a.epochs * a.imagenet_images
+
+
 def _size(n: float) -> str:
   for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
     if n < 1000:
@@ -229,6 +264,20 @@ def format_plan(a: Assumptions) -> str:
       f"  paper: {a.paper_hours} h for {a.paper_epochs} epochs -> {train.paper_hours_scaled:.1f}"
       f" h for {a.epochs}; that rate is {train.paper_utilisation:.1%} utilisation of this slice",
   ]
+  offline_fwd, online_fwd = teacher_forwards(a)
+  lines += [
+      "",
+      f"teacher offline (records) or online (on each batch): {offline_fwd:,} teacher forwards "
+      f"once, or {online_fwd:,} per student; v5e chip-hours",
+      f"{'students':>9}{'offline teacher':>17}{'online teacher':>16}{'students':>11}"
+      f"{'offline total':>15}{'online total':>14}{'online/offline':>16}"]
+  for c in plan_offline_vs_online(a):
+    lines.append(f"{c.students:>9}{c.offline_teacher_chip_hours:>17,.0f}"
+                 f"{c.online_teacher_chip_hours:>16,.0f}{c.student_chip_hours:>11,.0f}"
+                 f"{c.offline_total:>15,.0f}{c.online_total:>14,.0f}"
+                 f"{c.online_total / c.offline_total:>16.2f}")
+  lines.append(f"  offline's teacher pays for itself from {offline_fwd / online_fwd:.2f} students"
+               " (records / one student's examples)")
   return "\n".join(lines)
 
 

@@ -95,7 +95,8 @@ class AugmentConfig:
   exclude_ops: tuple = _formerly("augment_exclude_ops", ())
   # Batch mixup / cutmix, the Model Garden's `MixupAndCutmix` (alpha, cutmix_alpha, prob,
   # switch_prob, label_smoothing) on each batch, off while both alphas are 0; its soft labels
-  # take the label term's place, so label-only runs only (`loss.teacher` "none").
+  # take the label term's place. For label-only runs and the online teacher, which then sees
+  # the mixed batch (`loss.teacher` "none" or "online"; stored logits belong to unmixed pixels).
   mixup_alpha: float = 0.0
   cutmix_alpha: float = 0.0
   mix_prob: float = 1.0
@@ -122,7 +123,8 @@ class LossConfig:
   # "records" (the logits stored with the distillation records), "online" (`teacher_model`
   # runs on each batch) or "none" (labels only: set `label_weight`).
   teacher: str = "records"
-  # The online teacher, a `.keras` file.
+  # The online teacher, a `.keras` file (a relative path is under `data.root`, as the datasets).
+  # It sees exactly the student's batch, batch mixup/cutmix included ("consistent" views).
   teacher_model: str | None = None
   # The distillation term: KL(teacher || student) at `temperature`, times `distill_weight`.
   temperature: float = 1.0

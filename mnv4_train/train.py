@@ -92,6 +92,7 @@ class Plan:
   train_steps: int
   warmup_steps: int
   ema_start_step: int
+  teacher_model: str | None = None  # loss.teacher_model, under data.root when relative
 
   @property
   def chief(self) -> bool:
@@ -188,10 +189,11 @@ def plan_run(config: Config) -> Plan:
   if loss.teacher not in TEACHERS:
     raise ConfigError(f"loss.teacher must be one of {list(TEACHERS)}, not {loss.teacher!r}")
   distill_weight = 0.0 if loss.teacher == "none" else loss.distill_weight
-  if (a.mixup_alpha or a.cutmix_alpha) and loss.teacher != "none":
+  if (a.mixup_alpha or a.cutmix_alpha) and loss.teacher == "records":
     raise ConfigError("batch mixup/cutmix (augment.mixup_alpha, augment.cutmix_alpha) is for "
-                      "label-only runs (loss.teacher='none'): it would change the pixels the "
-                      "teacher's logits belong to; set both alphas to 0")
+                      "label-only runs and the online teacher (loss.teacher 'none' or "
+                      "'online'): with 'records' it would change the pixels the stored "
+                      "logits belong to; set both alphas to 0")
   if not distill_weight and not loss.label_weight:
     raise ConfigError("nothing to learn from: set loss.distill_weight (with a teacher) or "
                       "loss.label_weight")
@@ -200,13 +202,14 @@ def plan_run(config: Config) -> Plan:
                       "{'d1': '/data/d1', 'd2': '/data/d2'}")
   if sched.global_batch_size < 1:
     raise ConfigError(f"schedule.global_batch_size must be >= 1, got {sched.global_batch_size}")
-  datasets, eval_data = d.datasets, d.eval_data
+  datasets, eval_data, teacher_model = d.datasets, d.eval_data, loss.teacher_model
   if d.root:
     datasets = {name: _under(d.root, path) for name, path in datasets.items()}
     eval_data = eval_data and _under(d.root, eval_data)
+    teacher_model = teacher_model and _under(d.root, teacher_model)
   ownership.check_overlap(config.workdir, {
       **{f"data.datasets['{name}']": path for name, path in datasets.items()},
-      "data.eval_data": eval_data, "loss.teacher_model": loss.teacher_model}, what="--workdir")
+      "data.eval_data": eval_data, "loss.teacher_model": teacher_model}, what="--workdir")
   check_workdir(config.workdir)
   keras.utils.set_random_seed(rt.seed)
   if rt.op_determinism:
@@ -253,7 +256,7 @@ def plan_run(config: Config) -> Plan:
       resolution=(student.resolution or infos[0].resolution
                   or models.canonical_resolution(student.model)),
       train_steps=train_steps, warmup_steps=warmup_steps,
-      ema_start_step=warmup_steps if start is None else start)
+      ema_start_step=warmup_steps if start is None else start, teacher_model=teacher_model)
 
 
 def check_workdir(workdir: str):
@@ -301,7 +304,7 @@ def build(plan: Plan, stop=None) -> Run:
                            resolution=plan.resolution, **(c.student.options or {}))
     teacher_net = None
     if loss.teacher == "online" and plan.distill_weight:
-      teacher_net = load_teacher(loss.teacher_model, plan.num_classes)
+      teacher_net = load_teacher(plan.teacher_model, plan.num_classes)
     distiller = Distiller(student, teacher_net, temperature=loss.temperature,
                           distill_weight=plan.distill_weight, label_weight=loss.label_weight,
                           label_smoothing=loss.label_smoothing)

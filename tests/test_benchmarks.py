@@ -161,3 +161,40 @@ def test_own_folder_builds_a_labelled_folder_and_a_disjoint_nested_corpus(tmp_pa
             for f in os.listdir(tmp_path / "corpus" / part)}
   assert len(labelled) == 30 and len(corpus) == 9970 and not labelled & corpus
   assert own_folder.build_folders(str(tmp_path), per_class=3) == counts  # built once
+
+
+def test_offline_against_online_teacher_cost_follows_from_the_inputs():
+  a = scale_plan.Assumptions(imagenet_images=1000, d1_replicas=3, d2_replicas=5,
+                             d3_images_per_class=7, d3_classes=11, d3_replicas=2, epochs=4,
+                             chip_peak_tflops=2.0, teacher_utilisation=0.5, train_chips=8)
+  offline, online = scale_plan.teacher_forwards(a)
+  assert offline == 3000 + 5000 + 154 and online == 4 * 1000
+  hour = scale_plan.teacher_macs(a) / (2e12 / 2 * 0.5) / 3600  # one forward, in chip-hours
+  student = scale_plan.plan_training(a).hours * 8
+  rows = scale_plan.plan_offline_vs_online(a, students=(1, 3))
+  for row, n in zip(rows, (1, 3)):
+    assert row.offline_teacher_chip_hours == pytest.approx(offline * hour)  # once, for all n
+    assert row.online_teacher_chip_hours == pytest.approx(n * online * hour)
+    assert row.offline_total == pytest.approx(offline * hour + n * student)
+    assert row.online_total == pytest.approx(n * (online * hour + student))
+  # 8,154 records against 4,000 examples per student: offline pays from the third student.
+  assert rows[0].online_total < rows[0].offline_total
+  assert rows[1].online_total > rows[1].offline_total
+
+
+def test_offline_against_online_times_the_same_student_three_ways(source_shards, teacher_path,
+                                                                  distill_records, capsys):
+  """The benchmark's three rows train (the online one with batch mixup and the teacher on each
+  batch) and its table reports each with the teacher's share and the ratio."""
+  from benchmarks import offline_vs_online
+  results = offline_vs_online.main([
+      "--records", f"d1={distill_records['d1']}", f"d2={distill_records['d2']}",
+      "--source", source_shards[0], "--teacher", teacher_path, "--steps=2", "--warmup=1",
+      "--lead_in=1", "--rounds=2", "--batch=8"])
+  out = capsys.readouterr().out
+  assert list(results) == [offline_vs_online.OFFLINE, offline_vs_online.ONLINE,
+                           offline_vs_online.NO_TEACHER]
+  for row in results.values():
+    assert row["best"] >= row["median"] > 0 and row["cpu_per_step"] > 0
+  assert "the teacher's share of the online step's CPU" in out and "offline / online" in out
+  assert "teacher chip-h offline" in out  # the planner's paper-scale table follows

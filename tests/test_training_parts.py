@@ -288,3 +288,23 @@ def test_warmup_epochs_become_steps_and_the_ema_starts_at_the_warmup_end(source_
                                                warmup_steps=7),
       optimizer=train.OptimizerConfig(ema_start_step=4)))
   assert got.warmup_steps == 7 and got.ema_start_step == 4
+
+
+def test_the_online_teacher_file_is_found_under_data_root_like_the_datasets(source_shards,
+                                                                            teacher_path,
+                                                                            tmp_path):
+  """fashion_online.gin names its teacher inside the workspace, as the datasets are named."""
+  root = os.path.commonpath([source_shards[0], teacher_path])
+  plan = train.plan_run(train.Config.make(
+      str(tmp_path), data=train.DataConfig(root=root, datasets={
+          "a": os.path.relpath(source_shards[0], root)}),
+      student=train.StudentConfig(model="conv_s"),
+      loss=train.LossConfig(teacher="online",
+                            teacher_model=os.path.relpath(teacher_path, root)),
+      schedule=train.ScheduleConfig(global_batch_size=8, train_steps=1)))
+  assert plan.teacher_model == os.path.join(root, os.path.relpath(teacher_path, root))
+  assert train.load_teacher(plan.teacher_model, plan.num_classes).output_shape == (None, 10)
+  # Batch mixup goes with the online teacher (it sees the mixed pixels), not stored logits.
+  with pytest.raises(ConfigError, match="stored logits"):
+    train.plan_run(dataclasses.replace(plan.config, loss=train.LossConfig(teacher="records"),
+                                       augment=train.AugmentConfig(mixup_alpha=1.0)))
