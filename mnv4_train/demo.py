@@ -28,7 +28,8 @@ stable id hash into test (`--holdout_fraction`, 0.2), validation (`--val`, 0.1) 
 images, and the distilled student's length is scaled to the training images (the main job's
 2,000 steps for its 5,400).
 
-Each stage runs as its own process, as a user would run it, and each stage's output is complete
+Each stage runs as its own process, as a user would run it (forked from a process that has
+imported TensorFlow, Keras and Beam once: `mnv4_train.stages`), and each stage's output is complete
 or absent: Beam jobs write to a temporary folder and rename it, training runs resume from their
 last checkpoint. Re-running the command skips finished stages; a stage stopped with Ctrl-C
 resumes where it was.
@@ -38,11 +39,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
-from mnv4_train import cli, ownership
+from mnv4_train import cli, ownership, stages
 from mnv4_train.errors import (ArgumentParser, InputPathError, UserError, exit_on_user_error,
                                run_then_exit)
 
@@ -238,20 +238,21 @@ _VERBOSE_STAGES = ("data_prep.ingest", "data_prep.select_d3", "data_prep.distill
 
 
 def _run(stage, argv, workspace=None, key=None, done=None):
-  """Runs one stage's command with this interpreter; its output streams to the console.
+  """Runs one stage's command (`python -m` argv) as its own process, forked from a warm one
+  that has imported the libraries once (`mnv4_train.stages`); its output streams to the console.
 
   `done()` says whether the stage's outputs are complete: a stage killed by a signal after
   that (TensorFlow has crashed, rarely, while a finished trainer's process ended) is kept,
   with a line saying so."""
-  cmd = [sys.executable, "-m"] + argv + (_VERBOSE if argv[0] in _VERBOSE_STAGES else [])
-  _log(f"{stage}: " + " ".join(cmd[2:]))
+  argv = argv + (_VERBOSE if argv[0] in _VERBOSE_STAGES else [])
+  _log(f"{stage}: " + " ".join(argv))
   start = time.time()
-  proc = subprocess.run(cmd, check=False)
-  if proc.returncode < 0 and done is not None and done():
-    _log(f"{stage}: its process ended on signal {-proc.returncode} after its run had finished "
+  returncode = stages.run(argv[0], argv[1:])
+  if returncode < 0 and done is not None and done():
+    _log(f"{stage}: its process ended on signal {-returncode} after its run had finished "
          "and written everything; kept")
-  elif proc.returncode:
-    raise StageFailed(f"stage {stage} failed (exit status {proc.returncode}); fix what it "
+  elif returncode:
+    raise StageFailed(f"stage {stage} failed (exit status {returncode}); fix what it "
                       "reported and run the same command again: finished stages are kept")
   _log(f"{stage}: done in {time.time() - start:.0f} s")
   if workspace:

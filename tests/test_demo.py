@@ -214,3 +214,29 @@ def test_the_jpeg_step_defaults_to_what_each_paths_figures_were_measured_with(tm
   assert demo.parse_args([ws, f"--images={tmp_path}", f"--corpus={tmp_path}"]).jpeg_quality == 0
   assert demo.parse_args([ws, "--jpeg_quality=0"]).jpeg_quality == 0
   assert demo.parse_args([ws, "--dataset=digits", "--jpeg_quality=90"]).jpeg_quality == 90
+
+
+PROBE_STAGE = """
+import json, os, sys
+warm = "tensorflow" in sys.modules  # imported by the fork server, not by this stage
+out = {"pid": os.getpid(), "argv": sys.argv[1:], "cwd": os.getcwd(), "name": __name__,
+       "warm": warm}
+with open("probe.json", "w") as f:
+  json.dump(out, f)
+if "--signal" in sys.argv:
+  os.kill(os.getpid(), 15)
+sys.exit(3)
+"""
+
+
+def test_a_stage_runs_as_python_m_would_in_its_own_warm_process(tmp_path, monkeypatch):
+  """The main job's stages: `python -m module args` in a child of the fork server, which has
+  imported TensorFlow once; the child's own pid, exit status (-N for a signal), working folder."""
+  from mnv4_train import stages
+  (tmp_path / "probe_stage.py").write_text(PROBE_STAGE)
+  monkeypatch.chdir(tmp_path)
+  assert stages.run("probe_stage", ["a", "--b=1"]) == 3
+  probe = json.loads((tmp_path / "probe.json").read_text())
+  assert probe["pid"] != os.getpid() and probe["name"] == "__main__" and probe["warm"]
+  assert probe["argv"] == ["a", "--b=1"] and probe["cwd"] == str(tmp_path)
+  assert stages.run("probe_stage", ["--signal"]) == -signal.SIGTERM
