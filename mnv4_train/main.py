@@ -148,6 +148,14 @@ class _GinProbeFilter(logging.Filter):
     return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
 
 
+class _DeprecationNoticeFilter(logging.Filter):
+  """Drops TensorFlow's deprecation notices about its own and the Model Garden's calls (e.g.
+  `map_fn(dtype=...)` in `MixupAndCutmix`): a note for their authors, not for a user."""
+
+  def filter(self, record):
+    return not record.pathname.endswith(os.path.join("util", "deprecation.py"))
+
+
 def configure_logging(verbose: bool) -> None:
   """Plain console lines from the trainer; the libraries' INFO logs only when `verbose`."""
   logging.getLogger().addFilter(_GinProbeFilter())
@@ -159,6 +167,7 @@ def configure_logging(verbose: bool) -> None:
     return
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("tensorflow").addFilter(_DeprecationNoticeFilter())
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("%(message)s"))
   ours.addHandler(handler)

@@ -42,8 +42,16 @@ def _forkserver():
   return _context
 
 
-def _stage_main(module: str, args: list[str], cwd: str, path0: str):
-  """In the forked child: `python -m module args` from `cwd`."""
+def _stage_main(module: str, args: list[str], cwd: str, path0: str, env=None, output=None):
+  """In the forked child: `python -m module args` from `cwd`, in `env` (None: the server's),
+  its stdout and stderr written to the files `output` (None: the console)."""
+  for fd, path in zip((1, 2), output or ()):
+    opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(opened, fd)
+    os.close(opened)
+  if env is not None:  # what TensorFlow reads at import (TF_CPP_MIN_LOG_LEVEL) is the server's
+    os.environ.clear()
+    os.environ.update(env)
   os.chdir(cwd)
   if path0 not in sys.path:
     sys.path.insert(0, path0)
@@ -51,14 +59,24 @@ def _stage_main(module: str, args: list[str], cwd: str, path0: str):
   runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def run(module: str, args: list[str]) -> int:
-  """Runs `python -m module args` as a forked child of the warm server; its exit status."""
-  cwd = os.getcwd()
+def start(module: str, args: list[str], *, cwd: str | None = None, env: dict | None = None,
+          output: tuple[str, str] | None = None):
+  """Starts `python -m module args` as a forked child of the warm server: a started
+  `multiprocessing` process (`pid`, `exitcode`, `join`, `terminate`, `kill`). `cwd` (default
+  this one's), `env` (default the server's, which is this process' when it started) and
+  `output`, two files for the child's stdout and stderr (default: this one's console)."""
+  cwd = os.path.abspath(cwd or os.getcwd())
   process = _forkserver().Process(target=_stage_main, args=(module, list(args), cwd, cwd),
-                                  name=module)
+                                  kwargs={"env": env, "output": output}, name=module)
   sys.stdout.flush()
   sys.stderr.flush()
   process.start()
+  return process
+
+
+def run(module: str, args: list[str]) -> int:
+  """Runs `python -m module args` as a forked child of the warm server; its exit status."""
+  process = start(module, args)
   try:
     process.join()
   except KeyboardInterrupt:  # Ctrl-C reached the stage too: let it save and end, then go on

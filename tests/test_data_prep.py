@@ -3,8 +3,6 @@
 import filecmp
 import json
 import os
-import subprocess
-import sys
 
 import apache_beam as beam
 import keras
@@ -17,7 +15,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from data_prep import distill, files, ingest, select_d3, transforms
 from mnv4_train.data import augment, pipeline, records
-from tests.conftest import CORRUPT_FILES
+from tests.conftest import CORRUPT_FILES, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +31,7 @@ def _same_tree(a, b):
 
 
 def _cli(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                        timeout=300)
+  return run_cli(module, *args, cwd=os.getcwd(), timeout=300)
 
 
 def _one_line_error(result, *needles):

@@ -17,6 +17,7 @@ import pytest
 from data_prep import ingest
 from mnv4_train import ownership
 from mnv4_train.errors import UserError
+from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,8 +40,7 @@ def snapshot(root):
 
 
 def _cli(module, *argv, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  return run_cli(module, *argv, timeout=timeout)
 
 
 @pytest.fixture

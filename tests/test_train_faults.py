@@ -13,13 +13,12 @@ import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from mnv4_train.data import formats, pipeline
 from mnv4_train.errors import DataError, FormatError
+from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = "r0000/shard-00000-of-00002.tfrecord"  # a d1 record file (105 records)
@@ -120,9 +119,8 @@ def _first_batch(folder, name="d1", memory_cache=False):
 
 
 def _main(workdir, *bindings):
-  cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}"]
-  return subprocess.run(cmd + [f"--gin_bindings={b}" for b in bindings], capture_output=True,
-                        text=True, cwd=REPO)
+  return run_cli("mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}",
+                 *[f"--gin_bindings={b}" for b in bindings])
 
 
 def _snapshot(folder):
