@@ -189,8 +189,8 @@ def test_offline_against_online_times_the_same_student_three_ways(source_shards,
   from benchmarks import offline_vs_online
   results = offline_vs_online.main([
       "--records", f"d1={distill_records['d1']}", f"d2={distill_records['d2']}",
-      "--source", source_shards[0], "--teacher", teacher_path, "--steps=2", "--warmup=1",
-      "--lead_in=1", "--rounds=2", "--batch=8"])
+      "--source", source_shards[0], "--teacher", teacher_path, "--steps=1", "--warmup=1",
+      "--lead_in=1", "--rounds=1", "--batch=4"])
   out = capsys.readouterr().out
   assert list(results) == [offline_vs_online.OFFLINE, offline_vs_online.ONLINE,
                            offline_vs_online.NO_TEACHER]
