@@ -92,18 +92,10 @@ def table(results: dict) -> str:
 
 
 def paper_scale(a: scale_plan.Assumptions) -> str:
-  offline, online = scale_plan.teacher_forwards(a)
   teacher = scale_plan.teacher_macs(a)
-  lines = [f"paper scale ({scale_plan.__file__.split(os.sep)[-1]}'s assumptions): teacher "
-           f"{teacher / 1e9:.0f} GMACs, {teacher / (a.student_macs_g * 1e9):.0f}x the student's; "
-           f"teacher forwards: {offline:,} offline (once), {online:,} online per student",
-           f"{'students':>9}{'teacher chip-h offline':>24}{'online':>10}"
-           f"{'total offline':>15}{'online':>10}{'online/offline':>16}"]
-  for c in scale_plan.plan_offline_vs_online(a):
-    lines.append(f"{c.students:>9}{c.offline_teacher_chip_hours:>24,.0f}"
-                 f"{c.online_teacher_chip_hours:>10,.0f}{c.offline_total:>15,.0f}"
-                 f"{c.online_total:>10,.0f}{c.online_total / c.offline_total:>16.2f}")
-  return "\n".join(lines)
+  return "\n".join([f"paper scale ({os.path.basename(scale_plan.__file__)}'s assumptions): "
+                    f"teacher {teacher / 1e9:.0f} GMACs, {teacher / (a.student_macs_g * 1e9):.0f}x"
+                    " the student's"] + scale_plan.format_offline_vs_online(a))
 
 
 def parse_args(argv=None):
@@ -124,6 +116,9 @@ def parse_args(argv=None):
   parser.add_argument("--resolution", type=int, default=32)
   parser.add_argument("--width", type=float, default=0.25)
   args = parser.parse_args(argv)
+  for flag in ("steps", "warmup", "lead_in", "rounds", "batch", "resolution"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be >= 1")
   ws = args.workspace
   args.records = args.records or [f"{d}={os.path.join(ws, 'distill', d)}"
                                   for d in ("d1", "d2", "d3")]

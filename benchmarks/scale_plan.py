@@ -204,20 +204,39 @@ class TeacherCost:
 
 
 def plan_offline_vs_online(a: Assumptions, students=(1, 2, 5, 10)) -> list[TeacherCost]:
-  """The teacher's share of N students' cost, offline against online (see the module doc)."""
-  macs = teacher_macs(a)
-  chip_macs = a.chip_peak_tflops * 1e12 / 2 * a.teacher_utilisation
-  records = plan_datasets(a)[-1].records
-  per_student_online = a.epochs * a.imagenet_images * macs / chip_macs / 3600
-  offline = records * macs / chip_macs / 3600
-  student = plan_training(a).hours * a.train_chips
+  """The teacher's share of N students' cost, offline against online (see the module doc):
+  the records' teacher chip-hours as `plan_datasets` gives them, the online teacher at the same
+  chip-hours per forward pass, the student's training as `plan_training`."""
+  records = plan_datasets(a)[-1]
+  train = plan_training(a)
+  per_student_online = train.examples * records.teacher_chip_hours / records.records
+  offline = records.teacher_chip_hours
+  student = train.hours * a.train_chips
   return [TeacherCost(n, offline, n * per_student_online, n * student, offline + n * student,
                       n * (per_student_online + student)) for n in students]
 
 
 def teacher_forwards(a: Assumptions) -> tuple[int, int]:
   """(forward passes of the teacher offline: every record once; online: per student)."""
-  return plan_datasets(a)[-1].records, a.epochs * a.imagenet_images
+  return plan_datasets(a)[-1].records, plan_training(a).examples
+
+
+def format_offline_vs_online(a: Assumptions) -> list[str]:
+  """The offline/online table's lines (`format_plan`'s last part; benchmarks print it too)."""
+  offline_fwd, online_fwd = teacher_forwards(a)
+  lines = [
+      f"teacher offline (records) or online (on each batch): {offline_fwd:,} teacher forwards "
+      f"once, or {online_fwd:,} per student; v5e chip-hours",
+      f"{'students':>9}{'teacher chip-h offline':>24}{'online':>10}{'students':>11}"
+      f"{'total offline':>15}{'online':>10}{'online/offline':>16}"]
+  for c in plan_offline_vs_online(a):
+    lines.append(f"{c.students:>9}{c.offline_teacher_chip_hours:>24,.0f}"
+                 f"{c.online_teacher_chip_hours:>10,.0f}{c.student_chip_hours:>11,.0f}"
+                 f"{c.offline_total:>15,.0f}{c.online_total:>10,.0f}"
+                 f"{c.online_total / c.offline_total:>16.2f}")
+  lines.append(f"  offline's teacher pays for itself from {offline_fwd / online_fwd:.2f} students"
+               " (records / one student's examples)")
+  return lines
 
 
 def _size(n: float) -> str:
@@ -264,20 +283,7 @@ def format_plan(a: Assumptions) -> str:
       f"  paper: {a.paper_hours} h for {a.paper_epochs} epochs -> {train.paper_hours_scaled:.1f}"
       f" h for {a.epochs}; that rate is {train.paper_utilisation:.1%} utilisation of this slice",
   ]
-  offline_fwd, online_fwd = teacher_forwards(a)
-  lines += [
-      "",
-      f"teacher offline (records) or online (on each batch): {offline_fwd:,} teacher forwards "
-      f"once, or {online_fwd:,} per student; v5e chip-hours",
-      f"{'students':>9}{'offline teacher':>17}{'online teacher':>16}{'students':>11}"
-      f"{'offline total':>15}{'online total':>14}{'online/offline':>16}"]
-  for c in plan_offline_vs_online(a):
-    lines.append(f"{c.students:>9}{c.offline_teacher_chip_hours:>17,.0f}"
-                 f"{c.online_teacher_chip_hours:>16,.0f}{c.student_chip_hours:>11,.0f}"
-                 f"{c.offline_total:>15,.0f}{c.online_total:>14,.0f}"
-                 f"{c.online_total / c.offline_total:>16.2f}")
-  lines.append(f"  offline's teacher pays for itself from {offline_fwd / online_fwd:.2f} students"
-               " (records / one student's examples)")
+  lines += [""] + format_offline_vs_online(a)
   return "\n".join(lines)
 
 

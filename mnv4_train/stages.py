@@ -42,9 +42,10 @@ def _forkserver():
   return _context
 
 
-def _stage_main(module: str, args: list[str], cwd: str, path0: str, env=None, output=None):
-  """In the forked child: `python -m module args` from `cwd`, in `env` (None: the server's),
-  its stdout and stderr written to the files `output` (None: the console)."""
+def _stage_main(module: str, args: list[str], cwd: str, env=None, output=None):
+  """In the forked child: `python -m module args` from `cwd` (first on `sys.path`, as `-m`
+  puts it), in `env` (None: the server's), its stdout and stderr written to the files `output`
+  (None: the console)."""
   for fd, path in zip((1, 2), output or ()):
     opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(opened, fd)
@@ -53,8 +54,8 @@ def _stage_main(module: str, args: list[str], cwd: str, path0: str, env=None, ou
     os.environ.clear()
     os.environ.update(env)
   os.chdir(cwd)
-  if path0 not in sys.path:
-    sys.path.insert(0, path0)
+  if cwd not in sys.path:
+    sys.path.insert(0, cwd)
   sys.argv = [module] + list(args)
   runpy.run_module(module, run_name="__main__", alter_sys=True)
 
@@ -66,7 +67,7 @@ def start(module: str, args: list[str], *, cwd: str | None = None, env: dict | N
   this one's), `env` (default the server's, which is this process' when it started) and
   `output`, two files for the child's stdout and stderr (default: this one's console)."""
   cwd = os.path.abspath(cwd or os.getcwd())
-  process = _forkserver().Process(target=_stage_main, args=(module, list(args), cwd, cwd),
+  process = _forkserver().Process(target=_stage_main, args=(module, list(args), cwd),
                                   kwargs={"env": env, "output": output}, name=module)
   sys.stdout.flush()
   sys.stderr.flush()

@@ -183,10 +183,17 @@ def test_offline_against_online_teacher_cost_follows_from_the_inputs():
 
 
 def test_offline_against_online_times_the_same_student_three_ways(source_shards, teacher_path,
-                                                                  distill_records, capsys):
+                                                                  distill_records, capsys,
+                                                                  tmp_path, monkeypatch):
   """The benchmark's three rows train (the online one with batch mixup and the teacher on each
-  batch) and its table reports each with the teacher's share and the ratio."""
+  batch) and its table reports each with the teacher's share and the ratio; it removes its own
+  temporary folder and nothing beside it."""
+  import tempfile
   from benchmarks import offline_vs_online
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  (temp / "someone_elses.txt").write_text("keep")
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
   results = offline_vs_online.main([
       "--records", f"d1={distill_records['d1']}", f"d2={distill_records['d2']}",
       "--source", source_shards[0], "--teacher", teacher_path, "--steps=1", "--warmup=1",
@@ -198,3 +205,9 @@ def test_offline_against_online_times_the_same_student_three_ways(source_shards,
     assert row["best"] >= row["median"] > 0 and row["cpu_per_step"] > 0
   assert "the teacher's share of the online step's CPU" in out and "offline / online" in out
   assert "teacher chip-h offline" in out  # the planner's paper-scale table follows
+  # Its folder is gone (AutoGraph leaves its generated sources in the temp folder: not ours).
+  assert not [f for f in os.listdir(temp) if f.startswith("offline_vs_online_")]
+  assert (temp / "someone_elses.txt").read_text() == "keep"
+  with pytest.raises(SystemExit) as stop:
+    offline_vs_online.parse_args(["--rounds=0"])
+  assert stop.value.code == 2 and "--rounds must be >= 1" in capsys.readouterr().err
