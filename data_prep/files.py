@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import tensorflow as tf
 
@@ -22,6 +23,9 @@ from mnv4_train.data import formats
 from mnv4_train.errors import InputPathError, UserError, exit_on_user_error, first_line
 
 MANIFEST = formats.MANIFEST
+# A job creates `<out>.tmp` and writes its claim a moment later; a second job that finds the
+# folder without a claim waits this long for one before calling the folder someone else's.
+CLAIM_GRACE_S = 3.0
 
 
 class OutputExistsError(UserError):
@@ -64,7 +68,7 @@ def staging_dir(out: str, what: str = "--out") -> tuple[str, ownership.Claim]:
   out = out.rstrip("/")
   tmp = out + ".tmp"
   if tf.io.gfile.exists(tmp):
-    if not tf.io.gfile.isdir(tmp) or ownership.read_owner(tmp) is None:
+    if not tf.io.gfile.isdir(tmp) or not _claimed_soon(tmp):
       raise InputPathError(f"{tmp} exists and was not made by this project (no "
                            f"{ownership.OWNER}); it is never removed: move it away or choose "
                            "another --out")
@@ -82,6 +86,18 @@ def staging_dir(out: str, what: str = "--out") -> tuple[str, ownership.Claim]:
 
   claim = ownership.claim(tmp, what, on_stale=clear)
   return tmp, claim
+
+
+def _claimed_soon(tmp: str) -> bool:
+  """Whether the staging folder `tmp` holds (or within CLAIM_GRACE_S gets) a claim: a job
+  that has just created it writes its claim right after."""
+  deadline = time.monotonic() + CLAIM_GRACE_S
+  while True:
+    if ownership.read_owner(tmp) is not None:
+      return True
+    if time.monotonic() >= deadline or not tf.io.gfile.exists(tmp):
+      return ownership.read_owner(tmp) is not None
+    time.sleep(0.1)
 
 
 def commit(tmp: str, out: str, kind: type[formats.Manifest]) -> None:

@@ -7,8 +7,9 @@ through here before any work:
 - `check_overlap(out, inputs)`: `--out` must not equal, contain or lie inside any input (local
   paths compared after resolving symlinks and `..`; `gs://` and other URLs by prefix).
 - `Claim`: a small JSON file (`OWNER`) that says who is writing (host, pid, the process's start
-  time, the command) and doubles as the lock. It is created with O_EXCL, so of two processes
-  only one gets it; the other stops with one line naming the holder. A claim whose process is
+  time, the command) and doubles as the lock. It is written whole under a private name and
+  hard-linked into place (O_EXCL where links are unavailable), so of two processes only one
+  gets it and nobody reads it half-written; the other stops with one line naming the holder. A claim whose process is
   gone (same host, pid not running, or running with another start time) is stale: it is taken
   over, with a line saying so. A claim from another host cannot be checked from here and is
   never taken over silently: the user is told how to release it.
@@ -28,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+import uuid
 
 from mnv4_train.errors import ConfigError, UserError
 
@@ -217,6 +219,24 @@ def _write_exclusive(path: str, owner: dict) -> bool:
     with tf.io.gfile.GFile(path, "w") as f:
       f.write(text)
     return True
+  # Written whole under a private name, then linked into place: link() fails if the name
+  # exists, and a reader never sees a half-written claim.
+  draft = f"{path}.{uuid.uuid4().hex}.draft"
+  try:
+    with open(draft, "w", encoding="utf-8") as f:
+      f.write(text)
+    try:
+      os.link(draft, path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError:
+      pass  # a file system without hard links: O_EXCL below
+  finally:
+    try:
+      os.remove(draft)
+    except OSError:
+      pass
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -175,6 +176,32 @@ def test_a_claim_of_a_live_process_stops_a_second_writer(tmp_path):
   finally:
     holder.kill()
     holder.wait()
+
+
+def test_a_staging_folder_claimed_a_moment_after_it_appears_is_a_busy_job_not_a_stranger(
+    tmp_path):
+  # A job creates <out>.tmp and writes its claim right after; a second job arriving between
+  # the two must see the first job's claim, not call the folder someone else's.
+  from data_prep import files  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "out")
+  os.mkdir(out + ".tmp")
+  claims = []
+  writer = threading.Timer(0.5, lambda: claims.append(ownership.claim(out + ".tmp", "--out")))
+  writer.start()
+  try:
+    with pytest.raises(ownership.OutputBusyError, match=f"pid {os.getpid()} on host"):
+      files.staging_dir(out)
+  finally:
+    writer.join()
+  assert claims and os.path.exists(os.path.join(out + ".tmp", ownership.OWNER))
+  assert os.listdir(out + ".tmp") == [ownership.OWNER]  # no draft left beside the claim
+  # A folder that stays without a claim is still refused as not ours, and kept.
+  os.mkdir(tmp_path / "other.tmp")
+  started = time.monotonic()
+  with pytest.raises(UserError, match="other.tmp exists and was not made by this project"):
+    files.staging_dir(str(tmp_path / "other"))
+  assert time.monotonic() - started >= files.CLAIM_GRACE_S
+  assert os.path.isdir(tmp_path / "other.tmp")
 
 
 def _wait_for(path, proc, timeout=240):
