@@ -1,6 +1,7 @@
 """The Beam jobs: each transform on TestPipeline, each job end to end on real digit images."""
 
 import filecmp
+import glob
 import json
 import os
 
@@ -13,7 +14,7 @@ from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from data_prep import distill, files, ingest, select_d3, transforms
+from data_prep import distill, domain, files, ingest, select_d3, transforms
 from mnv4_train.data import augment, pipeline, records
 from tests.conftest import CORRUPT_FILES, run_cli
 
@@ -425,6 +426,49 @@ def test_d3_selection_and_its_distillation_dataset(source_shards, teacher_path, 
   assert len(seeds) == copies  # replicated images get distinct copies (distinct parameters)
 
 
+def test_select_d3_with_the_domain_filter_keeps_what_its_models_pass(
+    source_shards, digits_folder, teacher_path, tmp_path):
+  src, _ = source_shards
+  split = {}
+  for subset in ("train", "holdout"):
+    split[subset] = str(tmp_path / subset)
+    ingest.run([f"--images={digits_folder[0]}", f"--out={split[subset]}", "--num_shards=1",
+                "--holdout_fraction=0.3", f"--subset={subset}"])
+  common = [f"--corpus={src}", f"--classifier={teacher_path}", "--per_class=30",
+            "--threshold=0.3"]
+  plain = select_d3.run(common + [f"--out={tmp_path / 'plain'}"])
+  sel = str(tmp_path / "sel")
+  s = select_d3.run(common + [f"--out={sel}", f"--in_domain={split['train']}",
+                              f"--in_domain_heldout={split['holdout']}", "--domain_pass=0.9"])
+  f = s["domain_filter"]
+  assert plain.get("domain_filter") is None
+  assert (f["in_domain"], f["heldout"], f["pass_fraction"]) == ("../train", "../holdout", 0.9)
+
+  # The filter recomputed from the same images, outside the pipeline.
+  features = select_d3.ShardFeatures(32, 1.0)
+  features.setup()
+
+  def rows(folder):
+    return [r for shard in sorted(glob.glob(os.path.join(folder, "shard-*")))
+            for r in features.process(shard)]
+
+  corpus = rows(src)
+  models = domain.fit(rows(split["train"]), corpus)
+  cut = domain.threshold(models, rows(split["holdout"]), 0.9)
+  assert cut == {k: f[k] for k in cut} and 0.85 <= cut["heldout_passed"] < 1.0
+  scores = domain.scores(models, [r[1] for r in corpus], [r[2] for r in corpus])
+  inside = {r[0] for r, score in zip(corpus, scores) if score > cut["threshold"]}
+  assert f["outside"] == len(corpus) - len(inside) > 0
+
+  def selected(folder):
+    return {json.loads(line)["id"] for name in sorted(os.listdir(folder))
+            if name.startswith("selection-") for line in open(os.path.join(folder, name))}
+
+  # K = 30 > any class's 20 images: every image that passes both rules is kept, no other.
+  assert selected(sel) == selected(tmp_path / "plain") & inside
+  assert s["num_selected_unique"] == len(selected(sel)) < plain["num_selected_unique"]
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 def test_bad_inputs_stop_with_one_clear_line(source_shards, teacher_path, tmp_path):
@@ -446,6 +490,8 @@ def test_bad_inputs_stop_with_one_clear_line(source_shards, teacher_path, tmp_pa
   models.build("conv_s", num_classes=7, width=0.25, resolution=32).save(other)
   _one_line_error(_cli("data_prep.distill", "--recipe=d1", f"--source={src}",
                        f"--teacher={other}", f"--out={tmp_path}/y"), "7 classes", "10")
+  _one_line_error(_cli("data_prep.select_d3", f"--corpus={src}", f"--classifier={teacher_path}",
+                       f"--out={tmp_path}/y", f"--in_domain={src}"), "--in_domain_heldout")
   # A finished output is not overwritten by accident.
   _one_line_error(_cli("data_prep.ingest", f"--images={tmp_path}", f"--out={src}"),
                   "--overwrite")

@@ -344,6 +344,7 @@ class D3Selection(Manifest):
   empty_classes: list
   num_above_threshold: int
   above_threshold_per_class: Optional[list] = None  # before the top-K cap (older: absent)
+  domain_filter: Optional[dict] = None  # the domain filter's settings and figures, if used
 
 
 @dataclasses.dataclass(frozen=True)
