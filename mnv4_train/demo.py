@@ -50,6 +50,8 @@ PROG = "mnv4_train.demo"
 # The distilled students' default length: fashion_distill.gin's schedule.train_steps (a test keeps
 # the two equal); the demo always binds it, so --student_steps changes every distilled run.
 DISTILL_STEPS = 2000
+# Which corpus images may enter D3 by default ("paper" or "domain"; see --relevance).
+RELEVANCE_DEFAULT = "paper"
 # The main job's labelled training images (--labelled 0.09 of 60,000), which DISTILL_STEPS is
 # for: a folder with a corpus trains its distilled student DISTILL_STEPS x its own / this.
 FASHION_LABELLED = 5400
@@ -97,6 +99,12 @@ def parse_args(argv):
   parser.add_argument("--threshold", type=float, default=0.3,
                       help="relevance score above which a corpus image may enter D3 (the "
                       "paper's 0.3)")
+  parser.add_argument("--relevance", choices=["domain", "paper"], default=RELEVANCE_DEFAULT,
+                      help="which corpus images may enter D3: 'paper' (the relevance "
+                      "classifier's top-class probability > --threshold) or 'domain' (that, "
+                      "and the domain filter fitted on the training images, its threshold "
+                      f"passing 98%% of the validation images; select_d3). Default "
+                      f"{RELEVANCE_DEFAULT}, chosen on validation (docs/results.md)")
   parser.add_argument("--student_steps", type=int, default=None,
                       help="steps of every distilled student: fashion_mnist's default "
                       f"{DISTILL_STEPS}, as fashion_distill.gin (the README's full run: 8000); "
@@ -281,6 +289,19 @@ def _train(stage, gin_file, workdir, args, *bindings):
   _run(stage, ["mnv4_train.main", f"--gin_file={gin_file}", f"--workdir={workdir}"]
        + [f"--gin_bindings={b}" for b in binds + list(bindings)],
        args.workspace, os.path.basename(workdir), done=lambda: _finished_run(workdir))
+
+
+def _check_relevance(selection, relevance):
+  """A kept D3 selection made with the other relevance rule is not reused silently."""
+  from mnv4_train.data import formats  # pylint: disable=import-outside-toplevel
+  if not _finished_job(selection, "manifest.json"):
+    return
+  made = "domain" if formats.D3Selection.read(selection, "the D3 selection").domain_filter \
+      else "paper"
+  if made != relevance:
+    raise UserError(f"{selection} was selected with --relevance={made}, not {relevance}; run "
+                    f"with --relevance={made}, or use another --workspace for "
+                    f"--relevance={relevance}")
 
 
 def _job(stage, folder, argv, marker="manifest.json", workspace=None, key=None):
@@ -651,6 +672,8 @@ def _selection_figures(ws):
   if not ood_total:  # a corpus of your own: nothing in it is known to be out of distribution
     ood_kept = ood_records = 0
   return {"corpus_images": corpus.num_examples, "ood_images": ood_total or 0,
+          "relevance": "domain" if m.domain_filter else "paper",
+          "domain_filter": m.domain_filter,
           "threshold": m.threshold, "per_class": m.per_class,
           "above_threshold": m.num_above_threshold,
           "above_threshold_per_class": m.above_threshold_per_class,
@@ -680,10 +703,13 @@ def run_fashion(args) -> dict:
                                           "the corpus").num_examples
   per_class = args.per_class or max(100, int(round(corpus_size / train.num_classes, -2)))
   selection = os.path.join(ws, "selections", "d3")
+  _check_relevance(selection, args.relevance)
+  domain = ([f"--in_domain={ws}/sources/train", f"--in_domain_heldout={ws}/sources/val"]
+            if args.relevance == "domain" else [])
   _job("5/9 d3 select", selection,
        ["data_prep.select_d3", f"--corpus={ws}/sources/corpus", f"--classifier={relevance}",
         f"--out={selection}", f"--per_class={per_class}", f"--threshold={args.threshold}",
-        "--batch_size=256"] + beam, workspace=ws, key="select_d3")
+        "--batch_size=256"] + domain + beam, workspace=ws, key="select_d3")
   for recipe in ("d1", "d2", "d3"):
     folder = os.path.join(ws, "distill", recipe)
     source = "corpus" if recipe == "d3" else "train"
@@ -773,7 +799,10 @@ def fashion_report(args, runs, export_dir, ablation, seconds):
              "sources/*/dead_letter.jsonl)" if skipped else ""))
   ood = (f"{selection['ood_kept']} of the {selection['ood_images']} digits made it into D3; "
          if fashion else "")
-  print(f"D3 (relevance filter: the label-only student, > {selection['threshold']}): "
+  kept_out = selection["domain_filter"] and (
+      f", and the domain filter, which kept out {selection['domain_filter']['outside']}")
+  print(f"D3 (relevance filter: the label-only student, > {selection['threshold']}"
+        f"{kept_out or ''}): "
         f"{selection['above_threshold']} of {selection['corpus_images']} corpus images pass; "
         f"{ood}kept per class {selection['kept_per_class']} -> records per class after "
         f"replication {selection['records_per_class']}")
