@@ -26,6 +26,11 @@ in two halves by a stable hash of their ids: the criterion is chosen on half A (
 kept), and reported on half B and on the corpus's garments, which took no part in any choice.
 The paper's rule (msp > 0.3 with the classifier) is reported beside them.
 
+Then select_d3's domain filter (`data_prep.domain`, `--in_domain`): gradient-boosted trees on
+16x16 thumbnails telling the training garments from the corpus (cross-fitted on two id-hash
+halves of the corpus), its threshold keeping 95% (as the rows above) and 98% (select_d3's
+default `--domain_pass`) of the validation garments, alone and with the paper's rule.
+
 Writes relevance_filter.json and relevance_filter.png into the workspace.
 """
 
@@ -46,6 +51,7 @@ import tensorflow as tf  # noqa: E402
 tf.get_logger().setLevel("ERROR")  # Keras' retracing notes: a measurement prints its table only
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_prep import domain  # noqa: E402
 from mnv4_train.data import augment, formats, records  # noqa: E402
 from mnv4_train.models import checkpoint  # noqa: E402
 
@@ -157,7 +163,7 @@ def main(argv=None):
   ws = args.workspace
   start = time.time()
   train, _, train_labels = read_images(os.path.join(ws, "sources", "train"), args.resolution)
-  val, _, _ = read_images(os.path.join(ws, "sources", "val"), args.resolution)
+  val, val_ids, _ = read_images(os.path.join(ws, "sources", "val"), args.resolution)
   corpus, ids, _ = read_images(os.path.join(ws, "sources", "corpus"), args.resolution)
   ood = np.array([i.startswith(OOD_PREFIX) for i in ids])
   halves = np.array([half(i) for i in ids])
@@ -181,9 +187,11 @@ def main(argv=None):
     if scorer == "classifier":
       paper = _row("classifier msp > 0.3 (the paper)", scorer, "msp", 0.3, on_val["msp"],
                    on_corpus["msp"], ood, halves, chosen_on_val=False)
+      paper_keeps = (on_val["msp"] > 0.3, on_corpus["msp"] > 0.3)
   best = min(rows, key=lambda r: (r["ood_kept_half_a"], -r["id_kept_corpus"]))
   best["chosen"] = True
-  rows = [paper] + rows
+  rows = [paper] + rows + domain_rows(train, val, val_ids, corpus, ids, ood, halves,
+                                      paper_keeps, (args.id_pass, 0.98))
   print(f"\n{'criterion':<36}{'val kept':>9}{'corpus garments':>17}{'digits A':>10}"
         f"{'digits B':>10}")
   for r in rows:
@@ -201,11 +209,44 @@ def main(argv=None):
   return out
 
 
-def _row(name, scorer, score, threshold, on_val, on_corpus, ood, halves, *, chosen_on_val):
+def _features(images):
+  """select_d3's domain features of [n, res, res, 3] crops in [-1, 1]."""
+  out = [tf.vectorized_map(domain.features_tf, tf.constant(images[i:i + 2048])).numpy()
+         for i in range(0, len(images), 2048)]
+  return np.concatenate(out)
+
+
+def domain_rows(train, val, val_ids, corpus, ids, ood, halves, paper_keeps, passes):
+  """The domain filter's rows: fitted as select_d3 fits it (every training garment against the
+  whole corpus, cross-fitted), thresholds from validation."""
+  train_rows = [(f"train/{i}", domain.half(f"train/{i}"), f)
+                for i, f in enumerate(_features(train))]
+  corpus_features = _features(corpus)
+  corpus_halves = [domain.half(i) for i in ids]
+  models = domain.fit(train_rows, list(zip(ids, corpus_halves, corpus_features)))
+  val_rows = list(zip(val_ids, [domain.half(i) for i in val_ids], _features(val)))
+  on_val = domain.scores(models, [r[1] for r in val_rows], [r[2] for r in val_rows])
+  on_corpus = domain.scores(models, corpus_halves, corpus_features)
+  rows = []
+  for fraction in passes:
+    cut = domain.threshold(models, val_rows, fraction)["threshold"]
+    name = f"domain filter ({100 * fraction:.0f}% val)"
+    rows.append(_row(name, "domain", "domain", cut, on_val, on_corpus, ood, halves,
+                     chosen_on_val=True))
+    rows.append(_row(name + " + the paper's rule", "domain", "domain", cut, on_val, on_corpus,
+                     ood, halves, chosen_on_val=True, also=paper_keeps))
+  return rows
+
+
+def _row(name, scorer, score, threshold, on_val, on_corpus, ood, halves, *, chosen_on_val,
+         also=None):
   keep = on_corpus > threshold
+  val_keep = on_val > threshold
+  if also is not None:
+    val_keep, keep = val_keep & also[0], keep & also[1]
   return {"criterion": name, "scorer": scorer, "score": score, "threshold": threshold,
           "threshold_from": "validation" if chosen_on_val else "the paper",
-          "val_kept": float(np.mean(on_val > threshold)),
+          "val_kept": float(np.mean(val_keep)),
           "id_kept_corpus": float(np.mean(keep[~ood])),
           "ood_kept_half_a": float(np.mean(keep[ood & (halves == 0)])),
           "ood_kept_half_b": float(np.mean(keep[ood & (halves == 1)]))}

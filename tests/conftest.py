@@ -81,19 +81,86 @@ def run_cli(module, *args, cwd=REPO, env=None, timeout=600):
   What a command prints while TensorFlow loads is the one thing it cannot show: the tests of
   that start a fresh interpreter (test_imports, the console tests)."""
   import subprocess  # pylint: disable=import-outside-toplevel
-  import tempfile  # pylint: disable=import-outside-toplevel
-  from mnv4_train import stages  # pylint: disable=import-outside-toplevel
-  with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
-    output = (os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr"))
-    process = stages.start(module, [str(a) for a in args], cwd=str(cwd),
-                           env=dict(os.environ if env is None else env), output=output)
-    process.join(timeout)
-    if process.exitcode is None:
-      process.kill()
-      process.join()
-      raise subprocess.TimeoutExpired([module, *args], timeout)
-    out, err = (open(path, encoding="utf-8", errors="replace").read() for path in output)
-  return subprocess.CompletedProcess([module, *args], process.exitcode, out, err)
+  process = WarmProcess(module, *args, cwd=cwd, env=env)
+  try:
+    out, err = process.communicate(timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.communicate()
+    raise
+  return subprocess.CompletedProcess([module, *args], process.returncode, out, err)
+
+
+class WarmProcess:
+  """`python -m module args` started in the background, forked from the warm server as
+  `run_cli` runs one: the part of `subprocess.Popen` the tests use (`pid`, `poll`, `wait`,
+  `send_signal`, `kill`, `communicate` -> (stdout, the stderr not read yet), `returncode`, and
+  `stderr`, an iterator over the lines the child writes, as they come)."""
+
+  def __init__(self, module, *args, cwd=REPO, env=None):
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from mnv4_train import stages  # pylint: disable=import-outside-toplevel
+    self._dir = tempfile.mkdtemp(prefix="cli-")
+    self._paths = (os.path.join(self._dir, "stdout"), os.path.join(self._dir, "stderr"))
+    for path in self._paths:  # there before the child opens them: readable from the start
+      open(path, "w").close()
+    self._err = open(self._paths[1], encoding="utf-8", errors="replace")
+    self._partial = ""
+    self.args = [module, *map(str, args)]
+    self._process = stages.start(module, self.args[1:], cwd=str(cwd),
+                                 env=dict(os.environ if env is None else env),
+                                 output=self._paths)
+    self.pid = self._process.pid
+    self.stderr = self._lines()
+
+  @property
+  def returncode(self):
+    return self._process.exitcode
+
+  def poll(self):
+    return self._process.exitcode
+
+  def wait(self, timeout=None):
+    import subprocess  # pylint: disable=import-outside-toplevel
+    self._process.join(timeout)
+    if self._process.exitcode is None:
+      raise subprocess.TimeoutExpired(self.args, timeout)
+    return self._process.exitcode
+
+  def send_signal(self, signum):
+    if self._process.exitcode is None:
+      os.kill(self.pid, signum)
+
+  def kill(self):
+    self._process.kill()
+    self._process.join()
+
+  def _lines(self):
+    import time  # pylint: disable=import-outside-toplevel
+    while True:
+      self._partial += self._err.readline()
+      if self._partial.endswith("\n"):
+        line, self._partial = self._partial, ""
+        yield line
+      elif self.poll() is not None:
+        self._partial += self._err.read()
+        if not self._partial:
+          return
+        line, _, self._partial = self._partial.partition("\n")
+        yield line + "\n"
+      else:
+        time.sleep(0.01)
+
+  def communicate(self, timeout=None):
+    """Waits for the end; (stdout, the stderr not read through `stderr` yet)."""
+    import shutil  # pylint: disable=import-outside-toplevel
+    self.wait(timeout)
+    with open(self._paths[0], encoding="utf-8", errors="replace") as f:
+      out = f.read()
+    err, self._partial = self._partial + self._err.read(), ""
+    self._err.close()
+    shutil.rmtree(self._dir, ignore_errors=True)
+    return out, err
 
 
 @contextlib.contextmanager

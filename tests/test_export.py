@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from mnv4_train import export, models
 from mnv4_train.errors import InputPathError
+from tests.conftest import run_cli
 
 RES = 32
 NUM_TRAIN = 1000
@@ -197,8 +198,7 @@ def test_hybrid_exports_attention_to_tflite(trained, tmp_path):
 
 
 def _run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "mnv4_train.export", *args],
-                        capture_output=True, text=True, timeout=300)
+  return run_cli("mnv4_train.export", *args, cwd=os.getcwd(), timeout=300)
 
 
 def _one_line(stderr):

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from mnv4_train.data import augment, pipeline
 from mnv4_train.errors import ConfigError
-from tests.conftest import load_source_arrays
+from tests.conftest import load_source_arrays, run_cli
 from tests.test_train import _history, _main
 
 WHOLE = augment.Recipe("supervised", crop_area=(1.0, 1.0), flip=False, const_resolution=None)
@@ -175,15 +175,6 @@ def test_a_cached_label_only_run_trains_and_resumes(source_shards, tmp_path):
 
 # ---- the streaming input's interleave (issue 12: it crashed mixtures and cost CPU) ------------
 
-MIXTURE_SCRIPT = """
-import sys
-from mnv4_train.data import pipeline
-d1, src = pipeline.open_dataset(sys.argv[1], "d1"), pipeline.open_dataset(sys.argv[2], "src")
-ds = pipeline.train_dataset([d1, src], resolution=32, host_batch=16, num_classes=10)
-print(sum(1 for _ in ds.take(40)))
-"""
-
-
 def _dataset_ops(ds):
   serialized = ds._as_serialized_graph()  # pylint: disable=protected-access
   graph = tf.compat.v1.GraphDef.FromString(serialized.numpy())
@@ -197,8 +188,6 @@ def test_no_parallel_interleave_runs_under_the_mixing_and_a_mixture_streams(sour
                                                                              distill_records):
   """tf.data's parallel interleave under `sample_from_datasets` with symbolic checkpoints
   crashed (SIGSEGV in ParallelInterleaveIterator::WriteFutureElements) about one run in four."""
-  import subprocess
-  import sys
   d1 = pipeline.open_dataset(distill_records["d1"], "d1")
   spec = pipeline.open_dataset(source_shards[0], "src")
   ds = pipeline.train_dataset([d1, spec], resolution=32, host_batch=16, num_classes=10)
@@ -206,7 +195,6 @@ def test_no_parallel_interleave_runs_under_the_mixing_and_a_mixture_streams(sour
   assert "DirectedInterleaveDataset" in ops and "InterleaveDataset" in ops
   assert not [op for op in ops if op.startswith("ParallelInterleave")]
   for _ in range(3):
-    proc = subprocess.run([sys.executable, "-c", MIXTURE_SCRIPT, distill_records["d1"],
-                           source_shards[0]], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # each in a process of its own, forked from the warm server (no TensorFlow runtime started)
+    proc = run_cli("tests.mixture_stream", distill_records["d1"], source_shards[0])
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "40", proc.stderr[-2000:]

@@ -14,6 +14,7 @@ from mnv4_train import models
 from mnv4_train.errors import ConfigError
 from mnv4_train.models import layers as L
 from mnv4_train.models import profile, specs
+from tests.conftest import run_cli
 
 # The official implementation's figures at 1000 classes: the Model Garden's
 # MobileNet(model_id="MobileNetV4...") backbone + classification head (identical in timm).
@@ -287,8 +288,7 @@ def test_unknown_model_lists_valid_names():
 
 
 def _run_summary(*args):
-  return subprocess.run([sys.executable, "-m", "mnv4_train.models.summary", *args],
-                        capture_output=True, text=True, timeout=300)
+  return run_cli("mnv4_train.models.summary", *args, cwd=os.getcwd(), timeout=300)
 
 
 def test_summary_cli_bad_model_is_one_line():

@@ -18,9 +18,8 @@ import pytest
 from data_prep import ingest
 from mnv4_train import ownership
 from mnv4_train.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import WarmProcess, run_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def snapshot(root):
@@ -139,11 +138,9 @@ def test_overwrite_replaces_only_a_finished_output_of_the_same_kind(site):
 @pytest.mark.e2e
 def test_two_jobs_on_one_out_one_writes_the_other_stops_naming_the_holder(site):
   out = site / "sources"
-  argv = [sys.executable, "-m", "data_prep.ingest", f"--images={site / 'images'}",
-          f"--out={out}", "--num_shards=2"]
-  procs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for _ in range(2)]
-  results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+  argv = [f"--images={site / 'images'}", f"--out={out}", "--num_shards=2"]
+  procs = [WarmProcess("data_prep.ingest", *argv) for _ in range(2)]
+  results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
   codes = sorted(code for code, _ in results)
   assert codes == [0, 2], results
   [(_, loser)] = [r for r in results if r[0] == 2]
@@ -216,9 +213,8 @@ def _wait_for(path, proc, timeout=240):
 def test_an_ingest_killed_mid_way_leaves_nothing_finished_and_the_rerun_takes_over(
     digits_folder, source_shards, tmp_path, caplog):
   out = str(tmp_path / "sources")
-  proc = subprocess.Popen([sys.executable, "-m", "data_prep.ingest",
-                           f"--images={digits_folder[0]}", f"--out={out}", "--num_shards=2"],
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = WarmProcess("data_prep.ingest", f"--images={digits_folder[0]}", f"--out={out}",
+                     "--num_shards=2")
   _wait_for(os.path.join(out + ".tmp", ownership.OWNER), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -239,8 +235,7 @@ def test_a_distill_job_stopped_by_sigterm_mid_way_reruns_to_the_same_bytes(
   out = str(tmp_path / "d2")
   flags = ["--recipe=d2", f"--source={source_shards[0]}", f"--teacher={teacher_path}",
            f"--out={out}", "--replicas=1", "--top_k=3", "--batch_size=32", "--jpeg_quality=0"]
-  proc = subprocess.Popen([sys.executable, "-m", "data_prep.distill", *flags], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = WarmProcess("data_prep.distill", *flags)
   _wait_for(os.path.join(out + ".tmp", ownership.OWNER), proc)
   time.sleep(1.0)  # into the pipeline
   proc.send_signal(signal.SIGTERM)
@@ -366,19 +361,17 @@ def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_first(distill_re
              "process_start": ownership._process_start(holder.pid)}  # pylint: disable=protected-access
     (workdir / ownership.OWNER).write_text(json.dumps(owner))
     data = f"data.datasets={{'d1': '{distill_records['d1']}'}}"
-    proc = subprocess.run([sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin",
-                           f"--workdir={workdir}", f"--gin_bindings={data}",
-                           "--gin_bindings=schedule.train_steps=2"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = run_cli("mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}",
+                   f"--gin_bindings={data}", "--gin_bindings=schedule.train_steps=2",
+                   timeout=300)
     assert proc.returncode == 2
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and f"being written by pid {holder.pid} on host" in lines[0], lines
     assert sorted(os.listdir(workdir)) == [ownership.OWNER]  # it wrote nothing
     # a workdir inside a dataset would write into it: refused too
     inside = os.path.join(distill_records["d1"], "run")
-    proc = subprocess.run([sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin",
-                           f"--workdir={inside}", f"--gin_bindings={data}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = run_cli("mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={inside}",
+                   f"--gin_bindings={data}", timeout=300)
     assert proc.returncode == 2 and "lies inside the input data.datasets['d1']" in proc.stderr
     assert not os.path.exists(inside)
   finally:

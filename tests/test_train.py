@@ -21,7 +21,7 @@ import tensorflow as tf
 from mnv4_train import models
 from mnv4_train.data import pipeline
 from mnv4_train.kd import Distiller, kd_loss, label_loss, topk_to_dense
-from tests.conftest import run_cli
+from tests.conftest import WarmProcess, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -444,10 +444,10 @@ def test_the_gin_files_ship_in_the_wheel_and_are_found_installed(tmp_path):
 
 
 def _start(workdir, *bindings, env=None):
-  """A training run in the background, its stderr readable as text."""
-  cmd = [sys.executable, "-m", "mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}"]
-  return subprocess.Popen(cmd + [f"--gin_bindings={b}" for b in bindings], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  """A training run in the background (forked warm, `WarmProcess`), its stderr readable as
+  text."""
+  return WarmProcess("mnv4_train.main", "--gin_file=smoke.gin", f"--workdir={workdir}",
+                     *[f"--gin_bindings={b}" for b in bindings], env=env)
 
 
 def _wait_for_start_line(proc):

@@ -7,8 +7,6 @@ the Beam jobs), laid out as a workspace so the manifests' relative paths resolve
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
@@ -16,6 +14,7 @@ import tensorflow as tf
 from data_prep import files, select_d3, verify
 from mnv4_train.data import formats, records
 from mnv4_train.errors import FormatError, InputPathError
+from tests.conftest import WarmProcess
 
 pytestmark = pytest.mark.slow
 
@@ -200,11 +199,8 @@ def test_the_command_line_exit_codes_and_output(source_shards, distill_records, 
   ws = _copy_workspace(str(tmp_path), source_shards, distill_records, "d2")
   os.remove(os.path.join(ws["d2"], "r0000", "shard-00001-of-00002.tfrecord"))
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-  cmd = [sys.executable, "-m", "data_prep.verify"]
-  damaged = subprocess.Popen(cmd + [ws["d2"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
-  missing = subprocess.Popen(cmd + [str(tmp_path / "nothing")], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+  damaged = WarmProcess("data_prep.verify", ws["d2"], env=env)
+  missing = WarmProcess("data_prep.verify", tmp_path / "nothing", env=env)
   out, err = damaged.communicate(timeout=300)
   assert damaged.returncode == 1, err[-2000:]
   assert "Traceback" not in out + err, err[-2000:]
