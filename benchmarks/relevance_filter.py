@@ -162,7 +162,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   ws = args.workspace
   start = time.time()
-  train, _, train_labels = read_images(os.path.join(ws, "sources", "train"), args.resolution)
+  train, train_ids, train_labels = read_images(os.path.join(ws, "sources", "train"), args.resolution)
   val, val_ids, _ = read_images(os.path.join(ws, "sources", "val"), args.resolution)
   corpus, ids, _ = read_images(os.path.join(ws, "sources", "corpus"), args.resolution)
   ood = np.array([i.startswith(OOD_PREFIX) for i in ids])
@@ -190,12 +190,12 @@ def main(argv=None):
       paper_keeps = (on_val["msp"] > 0.3, on_corpus["msp"] > 0.3)
   best = min(rows, key=lambda r: (r["ood_kept_half_a"], -r["id_kept_corpus"]))
   best["chosen"] = True
-  rows = [paper] + rows + domain_rows(train, val, val_ids, corpus, ids, ood, halves,
+  rows = [paper] + rows + domain_rows(train, train_ids, val, val_ids, corpus, ids, ood, halves,
                                       paper_keeps, (args.id_pass, 0.98))
-  print(f"\n{'criterion':<36}{'val kept':>9}{'corpus garments':>17}{'digits A':>10}"
+  print(f"\n{'criterion':<44}{'val kept':>9}{'corpus garments':>17}{'digits A':>10}"
         f"{'digits B':>10}")
   for r in rows:
-    print(f"{r['criterion'] + (' *' if r.get('chosen') else ''):<36}{100 * r['val_kept']:>8.1f}%"
+    print(f"{r['criterion'] + (' *' if r.get('chosen') else ''):<44}{100 * r['val_kept']:>8.1f}%"
           f"{100 * r['id_kept_corpus']:>16.1f}%{100 * r['ood_kept_half_a']:>9.1f}%"
           f"{100 * r['ood_kept_half_b']:>9.1f}%")
   print("(* chosen on digits half A at the validation threshold; judge it on half B and the "
@@ -216,11 +216,10 @@ def _features(images):
   return np.concatenate(out)
 
 
-def domain_rows(train, val, val_ids, corpus, ids, ood, halves, paper_keeps, passes):
+def domain_rows(train, train_ids, val, val_ids, corpus, ids, ood, halves, paper_keeps, passes):
   """The domain filter's rows: fitted as select_d3 fits it (every training garment against the
   whole corpus, cross-fitted), thresholds from validation."""
-  train_rows = [(f"train/{i}", domain.half(f"train/{i}"), f)
-                for i, f in enumerate(_features(train))]
+  train_rows = [(i, domain.half(i), f) for i, f in zip(train_ids, _features(train))]
   corpus_features = _features(corpus)
   corpus_halves = [domain.half(i) for i in ids]
   models = domain.fit(train_rows, list(zip(ids, corpus_halves, corpus_features)))
@@ -230,7 +229,7 @@ def domain_rows(train, val, val_ids, corpus, ids, ood, halves, paper_keeps, pass
   rows = []
   for fraction in passes:
     cut = domain.threshold(models, val_rows, fraction)["threshold"]
-    name = f"domain filter ({100 * fraction:.0f}% val)"
+    name = f"domain {100 * fraction:.0f}% val"
     rows.append(_row(name, "domain", "domain", cut, on_val, on_corpus, ood, halves,
                      chosen_on_val=True))
     rows.append(_row(name + " + the paper's rule", "domain", "domain", cut, on_val, on_corpus,

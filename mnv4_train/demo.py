@@ -10,7 +10,8 @@ paper's section 8 in miniature, in a workspace folder (WORKSPACE.md):
   3 teacher   mnv4_train.main fashion_teacher.gin: MNv4-Conv-S on the labelled subset
   4 baseline  fashion_student.gin: MNv4-Conv-S x0.25 on labels only (also the relevance
               classifier of stage 5, as the paper's is a small supervised model)
-  5 d3 select data_prep.select_d3: score the corpus, keep > 0.3, top K per class, replicate rare
+  5 d3 select data_prep.select_d3: score the corpus, keep > 0.3 that the domain filter passes
+              (--relevance), top K per class, replicate rare
   6 d1 d2 d3  data_prep.distill (Beam RunInference, 2 worker processes) with the teacher
   7 student   fashion_distill.gin: the same student distilled on D1 + D2 + D3 mixed 1:1:2
   8 export    mnv4_train.export: the distilled student as TFLite (float32), checked
@@ -50,8 +51,9 @@ PROG = "mnv4_train.demo"
 # The distilled students' default length: fashion_distill.gin's schedule.train_steps (a test keeps
 # the two equal); the demo always binds it, so --student_steps changes every distilled run.
 DISTILL_STEPS = 2000
-# Which corpus images may enter D3 by default ("paper" or "domain"; see --relevance).
-RELEVANCE_DEFAULT = "paper"
+# Which corpus images may enter D3 on Fashion-MNIST ("paper" or "domain"; see --relevance),
+# chosen on its validation split; your folders keep the rule their figures were measured with.
+RELEVANCE_DEFAULT = "domain"
 # The main job's labelled training images (--labelled 0.09 of 60,000), which DISTILL_STEPS is
 # for: a folder with a corpus trains its distilled student DISTILL_STEPS x its own / this.
 FASHION_LABELLED = 5400
@@ -99,12 +101,13 @@ def parse_args(argv):
   parser.add_argument("--threshold", type=float, default=0.3,
                       help="relevance score above which a corpus image may enter D3 (the "
                       "paper's 0.3)")
-  parser.add_argument("--relevance", choices=["domain", "paper"], default=RELEVANCE_DEFAULT,
+  parser.add_argument("--relevance", choices=["domain", "paper"], default=None,
                       help="which corpus images may enter D3: 'paper' (the relevance "
                       "classifier's top-class probability > --threshold) or 'domain' (that, "
                       "and the domain filter fitted on the training images, its threshold "
-                      f"passing 98%% of the validation images; select_d3). Default "
-                      f"{RELEVANCE_DEFAULT}, chosen on validation (docs/results.md)")
+                      f"passing 98%% of the validation images; select_d3). Default: "
+                      f"{RELEVANCE_DEFAULT} on fashion_mnist (chosen on its validation split), "
+                      "paper with --images --corpus (as its figures were measured)")
   parser.add_argument("--student_steps", type=int, default=None,
                       help="steps of every distilled student: fashion_mnist's default "
                       f"{DISTILL_STEPS}, as fashion_distill.gin (the README's full run: 8000); "
@@ -176,6 +179,8 @@ def parse_args(argv):
     parser.error(f"--student_steps must be >= 1, got {args.student_steps}")
   if args.jpeg_quality is None:
     args.jpeg_quality = 95 if args.dataset == "fashion_mnist" else 0
+  if args.relevance is None:
+    args.relevance = RELEVANCE_DEFAULT if args.dataset == "fashion_mnist" else "paper"
   if not 0 <= args.jpeg_quality <= 100:
     parser.error(f"--jpeg_quality must be in [0, 100] (0: no JPEG step), got {args.jpeg_quality}")
   if args.beam_workers < 1:

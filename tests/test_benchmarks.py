@@ -141,6 +141,34 @@ def test_relevance_filter_scores_rank_in_distribution_images_first():
   assert halves == [relevance_filter.half(i) for i in ids] and 400 < sum(halves) < 600
 
 
+def test_the_relevance_benchmarks_domain_rows_keep_the_labelled_kind_and_drop_the_other():
+  """Images of the labelled kind (a bright centre) pass the domain rows' thresholds, images of
+  another kind (a bright border) do not; '+ the paper's rule' keeps only what both pass."""
+  import numpy as np
+  from benchmarks import relevance_filter
+  rng = np.random.default_rng(0)
+  yy, xx = np.mgrid[:32, :32]
+  centre = (np.hypot(yy - 15.5, xx - 15.5) < 9)[..., None].astype(np.float32)
+
+  def images(n, mask):
+    return np.clip(mask * 1.6 - 0.8 + 0.3 * rng.normal(size=(n, 32, 32, 3)), -1, 1).astype(
+        np.float32)
+
+  train, val = images(200, centre), images(200, centre)
+  corpus = np.concatenate([images(200, centre), images(100, 1 - centre)])
+  ids = [f"c/{i}" for i in range(300)]
+  ood = np.arange(300) >= 200
+  halves = np.arange(300) % 2
+  paper = (np.ones(200, bool), np.arange(300) % 3 != 0)
+  rows = relevance_filter.domain_rows(train, [f"t/{i}" for i in range(200)], val,
+                                      [f"v/{i}" for i in range(200)], corpus, ids, ood, halves,
+                                      paper, (0.95,))
+  alone, both = rows
+  assert alone["val_kept"] == pytest.approx(0.95, abs=0.01)
+  assert alone["id_kept_corpus"] >= 0.85 and alone["ood_kept_half_b"] <= 0.1
+  assert both["id_kept_corpus"] <= alone["id_kept_corpus"] * 0.7  # a third fail the rule
+
+
 @pytest.mark.e2e
 def test_own_folder_builds_a_labelled_folder_and_a_disjoint_nested_corpus(tmp_path):
   from benchmarks import own_folder

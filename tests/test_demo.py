@@ -216,6 +216,33 @@ def test_the_jpeg_step_defaults_to_what_each_paths_figures_were_measured_with(tm
   assert demo.parse_args([ws, "--dataset=digits", "--jpeg_quality=90"]).jpeg_quality == 90
 
 
+def test_the_relevance_rule_defaults_to_what_each_paths_figures_were_measured_with(tmp_path,
+                                                                                   capsys):
+  """Fashion-MNIST: the domain filter (chosen on its validation split); your folder with a
+  corpus: the paper's rule, as its figures were measured; a kept selection made with the other
+  rule is refused in one line, not reused."""
+  from mnv4_train import demo
+  from mnv4_train.errors import UserError
+  ws = f"--workspace={tmp_path / 'ws'}"
+  assert demo.parse_args([ws]).relevance == demo.RELEVANCE_DEFAULT == "domain"
+  assert demo.parse_args([ws, f"--images={tmp_path}", f"--corpus={tmp_path}"]).relevance == (
+      "paper")
+  assert demo.parse_args([ws, "--relevance=paper"]).relevance == "paper"
+  selection = tmp_path / "sel"
+  selection.mkdir()
+  manifest = {"format": "mnv4-d3-selection/1", "corpus": "../c", "classifier": "r.keras",
+              "threshold": 0.3, "per_class": 10, "resolution": 32, "num_classes": 2,
+              "source_shards": [], "num_files": 1, "selected_unique_per_class": [0, 0],
+              "selected_total_per_class": [0, 0], "num_selected_unique": 0,
+              "num_selected_total": 0, "empty_classes": [0, 1], "num_above_threshold": 0}
+  (selection / "manifest.json").write_text(json.dumps(manifest))
+  demo._check_relevance(str(selection), "paper")  # pylint: disable=protected-access
+  with pytest.raises(UserError, match="selected with --relevance=paper, not domain"):
+    demo._check_relevance(str(selection), "domain")  # pylint: disable=protected-access
+  (selection / "manifest.json").write_text(json.dumps({**manifest, "domain_filter": {"x": 1}}))
+  demo._check_relevance(str(selection), "domain")  # pylint: disable=protected-access
+
+
 PROBE_STAGE = """
 import json, os, sys
 warm = "tensorflow" in sys.modules  # imported by the fork server, not by this stage

@@ -143,6 +143,11 @@ def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
   assert sum(src["train"]["counts_per_class"]) == src["train"]["images"]
   sel = report["selection"]
   assert sel["ood_images"] == 30 and 0 <= sel["ood_kept"] <= sel["above_threshold"]
+  # The main job's default relevance rule: the paper's and the domain filter, its threshold
+  # set on the validation images.
+  assert sel["relevance"] == "domain"
+  assert sel["domain_filter"]["heldout_images"] == src["val"]["images"]
+  assert sel["domain_filter"]["outside"] + sel["above_threshold"] <= sel["corpus_images"]
   for kept, total in zip(sel["kept_per_class"], sel["records_per_class"]):
     assert kept <= 12 and (kept == 0) == (total == 0)
   # D3's records are one per selected copy, built from the corpus.
