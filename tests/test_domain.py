@@ -9,13 +9,16 @@ from data_prep import domain, fashion_mnist
 from mnv4_train.data import augment
 
 
+@tf.function(input_signature=[tf.TensorSpec([None, None], tf.uint8)])
+def _one(image):
+  rgb = tf.repeat(image[..., None], 3, axis=-1)
+  return domain.features_tf(augment.center_crop(rgb, 32))
+
+
 def _features(images):
-  """uint8 [n, h, w] grey images -> their domain features, as select_d3 computes them."""
-  out = []
-  for image in images:
-    rgb = tf.repeat(tf.convert_to_tensor(image[..., None], tf.uint8), 3, axis=-1)
-    out.append(domain.features_tf(augment.center_crop(rgb, 32)).numpy())
-  return np.stack(out)
+  """uint8 [n, h, w] grey images -> their domain features, as select_d3 computes them (the
+  classifier's central crop at 32 px, then the features), in one traced function."""
+  return np.stack([_one(tf.constant(image)).numpy() for image in images])
 
 
 def _rows(prefix, feats):
