@@ -456,11 +456,13 @@ def report(args, runs, export_dir):
   return out
 
 
-# What the main job writes at the top of a workspace: an existing folder holding anything else
-# is not one of its workspaces, and is refused rather than written into.
+# What the main job writes at the top of a workspace (and what benchmarks/relevance_filter.py
+# adds to one): an existing folder holding anything else is not one of its workspaces, and is
+# refused rather than written into.
 WORKSPACE_ENTRIES = frozenset({
     "ablation.png", "distill", "export", "images", "ood_digits", "report.json", "report.png",
-    "runs", "selections", "sources", "stage_times.json", ownership.OWNER})
+    "runs", "selections", "sources", "stage_times.json", ownership.OWNER,
+    "relevance_filter.json", "relevance_filter.png"})
 
 
 def check_workspace(workspace: str, images: str | None, corpus: str | None = None) -> None:

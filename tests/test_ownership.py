@@ -349,6 +349,12 @@ def test_the_main_job_refuses_a_workspace_that_is_not_its_own(site):
       demo.run([f"--images={site / 'images'}", f"--workspace={workspace}"])
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
   assert snapshot(site) == before
+  # What the relevance benchmark adds to a main-job workspace keeps it the main job's.
+  ws = site / "ws"
+  ws.mkdir()
+  for name in ("report.json", "relevance_filter.json", "relevance_filter.png"):
+    (ws / name).write_text("{}")
+  demo.check_workspace(str(ws), str(site / "images"))
 
 
 def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_first(distill_records,
