@@ -223,12 +223,11 @@ def domain_rows(train, train_ids, val, val_ids, corpus, ids, ood, halves, paper_
   corpus_features = _features(corpus)
   corpus_halves = [domain.half(i) for i in ids]
   models = domain.fit(train_rows, list(zip(ids, corpus_halves, corpus_features)))
-  val_rows = list(zip(val_ids, [domain.half(i) for i in val_ids], _features(val)))
-  on_val = domain.scores(models, [r[1] for r in val_rows], [r[2] for r in val_rows])
+  on_val = domain.scores(models, [domain.half(i) for i in val_ids], _features(val))
   on_corpus = domain.scores(models, corpus_halves, corpus_features)
   rows = []
   for fraction in passes:
-    cut = domain.threshold(models, val_rows, fraction)["threshold"]
+    cut = domain.cut(on_val, fraction)["threshold"]
     name = f"domain {100 * fraction:.0f}% val"
     rows.append(_row(name, "domain", "domain", cut, on_val, on_corpus, ood, halves,
                      chosen_on_val=True))

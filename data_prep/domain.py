@@ -131,8 +131,13 @@ def threshold(models, heldout, pass_fraction: float) -> dict:
   if not models or not heldout:
     return {"threshold": None, "heldout_images": len(heldout), "heldout_passed": None}
   _, halves, x = _matrix(heldout)
-  s = np.sort(scores(models, halves, x))
-  cut = int(np.floor((1.0 - pass_fraction) * len(s)))
-  t = float(np.nextafter(s[cut], -np.inf)) if cut < len(s) else float(s[-1])
+  return cut(scores(models, halves, x), pass_fraction)
+
+
+def cut(heldout_scores, pass_fraction: float) -> dict:
+  """`threshold` from the held-out images' scores already computed."""
+  s = np.sort(np.asarray(heldout_scores, np.float64))
+  index = int(np.floor((1.0 - pass_fraction) * len(s)))
+  t = float(np.nextafter(s[index], -np.inf)) if index < len(s) else float(s[-1])
   return {"threshold": t, "heldout_images": len(s),
           "heldout_passed": round(float(np.mean(s > t)), 6)}

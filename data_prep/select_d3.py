@@ -123,25 +123,23 @@ class ScoreInputs(beam.DoFn):
     self.features = features
 
   def setup(self):
+    def prepare(data):
+      crop = augment.center_crop(augment.decode(data), self.resolution)
+      return (crop, domain.features_tf(crop)) if self.features else crop
     # One trace: a bytes argument would be a Python constant, traced again for every image.
-    self._prepare = tf.function(
-        lambda data: augment.center_crop(augment.decode(data), self.resolution),
-        input_signature=[tf.TensorSpec([], tf.string)])
-    self._features = tf.function(domain.features_tf, input_signature=[
-        tf.TensorSpec([self.resolution, self.resolution, 3], tf.float32)])
-
-  def features_of(self, crop):
-    return self._features(crop).numpy()
+    self._prepare = tf.function(prepare, input_signature=[tf.TensorSpec([], tf.string)])
 
   def process(self, task):
     shard, path = task
     scale, offset = transforms.INPUT_SCALES[self.input_scale]
     keys, batch = [], []
     for position, ex in enumerate(transforms.read_shard(path)):
-      crop = self._prepare(ex["encoded"])
       key = (ex["id"], shard, position)
       if self.features:
-        key += (domain.half(ex["id"]), self.features_of(crop))
+        crop, features = self._prepare(ex["encoded"])
+        key += (domain.half(ex["id"]), features.numpy())
+      else:
+        crop = self._prepare(ex["encoded"])
       keys.append(key)
       batch.append(crop * scale + offset)
       if len(batch) == self.batch_size:
@@ -161,8 +159,7 @@ class ShardFeatures(ScoreInputs):
   def process(self, task):
     for ex in transforms.read_shard(task):
       if domain.sampled(ex["id"], self.rate):
-        yield (ex["id"], domain.half(ex["id"]),
-               self.features_of(self._prepare(ex["encoded"])))
+        yield ex["id"], domain.half(ex["id"]), self._prepare(ex["encoded"])[1].numpy()
 
 
 def _corpus_sample(element, rate):
@@ -314,8 +311,7 @@ def _domain_side_inputs(p, args, prepared, resolution, in_domain, heldout, corpu
 
 def build_pipeline(p, args, tmp, corpus, resolution, num_classes, in_domain=None,
                    heldout=None):
-  shards = [(i, formats.inside(args.corpus, s.path, "--corpus"))
-            for i, s in enumerate(corpus.shards)]
+  shards = list(enumerate(_shard_paths(args.corpus, corpus, "--corpus")))
   num_files = max(1, math.ceil(num_classes / CLASSES_PER_FILE))
   filtering = in_domain is not None
   prepared = (p

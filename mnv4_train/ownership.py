@@ -9,9 +9,9 @@ through here before any work:
 - `Claim`: a small JSON file (`OWNER`) that says who is writing (host, pid, the process's start
   time, the command) and doubles as the lock. It is written whole under a private name and
   hard-linked into place (O_EXCL where links are unavailable), so of two processes only one
-  gets it and nobody reads it half-written; the other stops with one line naming the holder. A claim whose process is
-  gone (same host, pid not running, or running with another start time) is stale: it is taken
-  over, with a line saying so. A claim from another host cannot be checked from here and is
+  gets it and nobody reads it half-written; the other stops with one line naming the holder.
+  A claim whose process is gone (same host, pid not running, or running with another start
+  time) is stale: it is taken over, with a line saying so. A claim from another host cannot be checked from here and is
   never taken over silently: the user is told how to release it.
 - The same file marks a staging folder as this project's: a `<out>.tmp` without it was not
   made by us and is never removed.
@@ -221,10 +221,15 @@ def _write_exclusive(path: str, owner: dict) -> bool:
     return True
   # Written whole under a private name, then linked into place: link() fails if the name
   # exists, and a reader never sees a half-written claim.
+  # The draft is created exclusively ("x"), so the only file ever removed here is the one
+  # this call created.
   draft = f"{path}.{uuid.uuid4().hex}.draft"
   try:
-    with open(draft, "w", encoding="utf-8") as f:
+    with open(draft, "x", encoding="utf-8") as f:
       f.write(text)
+  except OSError:
+    pass  # the name is taken, or the folder refuses it: O_EXCL below
+  else:
     try:
       os.link(draft, path)
       return True
@@ -232,11 +237,11 @@ def _write_exclusive(path: str, owner: dict) -> bool:
       return False
     except OSError:
       pass  # a file system without hard links: O_EXCL below
-  finally:
-    try:
-      os.remove(draft)
-    except OSError:
-      pass
+    finally:
+      try:
+        os.remove(draft)
+      except OSError:
+        pass
   try:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
   except FileExistsError:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -199,6 +200,25 @@ def test_a_staging_folder_claimed_a_moment_after_it_appears_is_a_busy_job_not_a_
     files.staging_dir(str(tmp_path / "other"))
   assert time.monotonic() - started >= files.CLAIM_GRACE_S
   assert os.path.isdir(tmp_path / "other.tmp")
+
+
+def test_a_claim_never_writes_into_or_removes_a_file_it_did_not_create(tmp_path, monkeypatch):
+  # The claim is drafted under a private name; should that name already exist, the file there
+  # is left as it is (the claim falls back to O_EXCL), and only the claim is added.
+  folder = tmp_path / "x.tmp"
+  folder.mkdir()
+  fixed = uuid.UUID(int=7)
+  monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+  draft = folder / f"{ownership.OWNER}.{fixed.hex}.draft"
+  draft.write_text("someone else's\n")
+  claim = ownership.claim(str(folder), "--out")
+  assert draft.read_text() == "someone else's\n"
+  assert ownership.read_owner(str(folder))["pid"] == os.getpid()
+  claim.release()
+  assert sorted(os.listdir(folder)) == [draft.name]
+  draft.unlink()
+  ownership.claim(str(folder), "--out").release()  # the usual way: its draft is gone after
+  assert os.listdir(folder) == []
 
 
 def _wait_for(path, proc, timeout=240):
