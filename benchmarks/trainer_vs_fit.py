@@ -32,13 +32,15 @@ Checkpoint saves and evaluations are not timed (fit does neither): the checkpoin
   - labels: `digits_student.gin`, labels only (teacher "none") from the source shards: decode,
     the recipe's online augmentation (none for digits: whole image, no RandAugment, no flip),
     with `data.memory_cache=False` (the streaming input every other recipe reads);
-  - labels, memory_cache: the same as the recipe ships it, `data.memory_cache=True`: the
+  - labels, memory_cache: the same as the recipe ships it (`data.memory_cache='auto'`, which
+    holds the digits; set to True here): the
     digits decoded once and held in memory, each step one gather of its batch (what fit's
     arrays do);
-  - distill: `digits_distill.gin` on D1 alone (teacher "records"): replay of the stored crop +
-    RandAugment + JPEG round trip, KL against the stored teacher logits;
-  - distill, memory_cache: the same with `data.memory_cache=True` (not the recipe's setting):
-    every record replayed once into memory before training, each step one gather.
+  - distill: `digits_distill.gin` on D1 alone (teacher "records") with
+    `data.memory_cache=False`: replay of the stored crop + RandAugment + JPEG round trip, KL
+    against the stored teacher logits;
+  - distill, memory_cache: the same as the recipe ships it (`'auto'`; True here): every
+    record replayed once into memory before training, each step one gather.
 
 Timing, the same for every row: first one untimed call of `--warmup` steps (tracing, tf.data
 start), then `--rounds` rounds. A round runs `--lead_in` untimed steps, then times `--steps`
@@ -360,7 +362,8 @@ def main():
     rows["ours: labels, memory_cache"] = TrainerRow(cached(labels,
                                                            os.path.join(work, "run_cached")))
     distill = recipe_config(DISTILL_GIN, os.path.join(work, "run_distill"), width=args.width,
-                            overrides=trainer_overrides(args, {"d1": d1}))
+                            overrides={**trainer_overrides(args, {"d1": d1}),
+                                       "data.memory_cache": False})
     rows["ours: distill, D1 replay"] = TrainerRow(distill)
     rows["ours: distill, D1 memory_cache"] = TrainerRow(
         cached(distill, os.path.join(work, "run_distill_cached")))

@@ -70,8 +70,9 @@ class DataConfig:
   # Hold the run's datasets in memory as pixels (source images decoded whole, at most a flip;
   # distillation records replayed once) and gather whole batches, as `fit` on arrays does;
   # small data only (`pipeline.memory_cache_problem`). Its order (and a source recipe's
-  # flips) are its own, not the streaming input's.
-  memory_cache: bool = False
+  # flips) are its own, not the streaming input's. True: held, or the run stops with one line
+  # saying why it cannot be; 'auto': held when it can be, else streamed (a line says why).
+  memory_cache: bool | str = False
 
 
 @_group("augment")

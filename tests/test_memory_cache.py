@@ -143,17 +143,63 @@ def test_records_are_replayed_once_to_the_streaming_replays_pixels_and_logits(di
   assert all(x.tobytes() in streamed for b in cached for x in b["image"].numpy())
 
 
-def test_inputs_it_cannot_hold_stop_with_a_config_error(source_shards, distill_records):
-  spec = pipeline.open_dataset(source_shards[0], "a")
+def test_fractional_records_are_held_as_the_replays_own_float_pixels(source_shards,
+                                                                    distill_records):
+  """Mixup without the JPEG step replays fractional grey levels: held as float32, the same
+  pixels as the streaming replay's, and a mixture with it holds every dataset that way."""
   d2 = pipeline.open_dataset(distill_records["d2"], "d2")  # mixup without the JPEG step
+  n = d2.num_examples
+  cached = list(_cached(d2, WHOLE, host_batch=n // 4).take(4))
+  once = pipeline.StreamOptions(shuffle=False, cycle_length=1)
+  stream = list(pipeline.train_dataset([d2], resolution=32, host_batch=n // 4, num_classes=10,
+                                       options=once).take(4))
+  assert _pairs(cached) == _pairs(stream)
+  levels = (np.concatenate([b["image"].numpy() for b in cached]) + 1.0) * 127.5
+  assert np.mean(np.abs(levels - np.round(levels)) > 1e-3) > 0.1  # not whole grey levels
+  # Beside whole grey levels (source images): each keeps its own pixels.
+  spec = pipeline.open_dataset(source_shards[0], "src")
+  batches = list(_cached_mix([d2, spec], 50, weights={"d2": 0.5, "src": 0.5}).take(8))
+  which = np.concatenate([b["dataset"].numpy() for b in batches])
+  images = np.concatenate([b["image"].numpy() for b in batches])
+  src = images[which == 1]
+  grey = np.round((src + 1.0) * 127.5).astype(np.float32)  # whole grey levels, scaled as ever
+  assert len(src) > 100 and np.array_equal(grey / np.float32(127.5) - np.float32(1.0), src)
+  mixed = {x.tobytes() for x in images[which == 0]}
+  assert mixed and mixed <= {x.tobytes() for b in stream for x in b["image"].numpy()}
+  # 200 images at 2,000 px: 2.4 GB as grey levels, 4 bytes a channel as float: over 4 GiB.
+  assert pipeline.memory_cache_problem([spec], WHOLE, 2_000) is None
+  assert "GiB" in pipeline.memory_cache_problem([d2], WHOLE, 2_000)
+  assert pipeline.memory_cache_problem([d2], WHOLE, 1_000) is None
+
+
+def test_inputs_it_cannot_hold_stop_with_a_config_error(source_shards):
+  spec = pipeline.open_dataset(source_shards[0], "a")
   augmented = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0, const_resolution=None)
-  for datasets, recipe in [([spec], augmented), ([d2], WHOLE), ([spec, d2], WHOLE)]:
-    with pytest.raises(ConfigError, match="memory_cache=False"):
-      pipeline.train_dataset(datasets, resolution=32, host_batch=8, num_classes=10,
-                             options=pipeline.StreamOptions(supervised_recipe=recipe,
-                                                            memory_cache=True))
+  with pytest.raises(ConfigError, match="memory_cache='auto' .held when it fits. or False"):
+    pipeline.train_dataset([spec], resolution=32, host_batch=8, num_classes=10,
+                           options=pipeline.StreamOptions(supervised_recipe=augmented,
+                                                          memory_cache=True))
   assert pipeline.memory_cache_problem([spec], WHOLE, 32) is None
   assert "GiB" in pipeline.memory_cache_problem([spec], WHOLE, 100_000)
+  with pytest.raises(ConfigError, match="True, False or 'auto'"):
+    pipeline.train_dataset([spec], resolution=32, host_batch=8, num_classes=10,
+                           options=pipeline.StreamOptions(memory_cache="yes"))
+
+
+def test_auto_holds_what_fits_and_streams_the_rest_saying_why(source_shards, caplog):
+  spec = pipeline.open_dataset(source_shards[0], "a")
+  augmented = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0, const_resolution=None)
+
+  def first(recipe, cache):
+    opts = pipeline.StreamOptions(supervised_recipe=recipe, memory_cache=cache)
+    return next(iter(pipeline.train_dataset([spec], resolution=32, host_batch=8,
+                                            num_classes=10, options=opts)))["image"].numpy()
+  with caplog.at_level("INFO", logger="mnv4_train.data.pipeline"):
+    assert np.array_equal(first(WHOLE, "auto"), first(WHOLE, True))  # it fits: held
+    assert not caplog.records
+    assert np.array_equal(first(augmented, "auto"), first(augmented, False))  # streamed
+  assert len(caplog.records) == 1 and "streamed" in caplog.records[0].getMessage()
+  assert "crop_area_min=1.0" in caplog.records[0].getMessage()
 
 
 def test_a_cached_label_only_run_trains_and_resumes(source_shards, tmp_path):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 from typing import Optional
@@ -52,6 +53,8 @@ import tensorflow as tf
 
 from mnv4_train.data import augment, formats, records
 from mnv4_train.errors import ConfigError, DataError, InputPathError, first_line
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +352,8 @@ class StreamOptions:
   shuffle: bool = True              # a fresh random order of each pair's records every epoch
   cycle_length: int = 16            # pairs read at once (interleaved one element each)
   supervised_recipe: augment.Recipe = augment.Recipe("supervised", ra_layers=2, ra_magnitude=9.0)
-  memory_cache: bool = False        # small datasets held as pixels, batches gathered
+  memory_cache: bool | str = False  # small datasets held as pixels, batches gathered; "auto":
+                                    # when they fit (`memory_cache_problem`), else streamed
 
 
 def _recipe(dataset: DatasetInfo, opts: StreamOptions) -> augment.Recipe | None:
@@ -423,11 +427,18 @@ def _stream(dataset: DatasetInfo, index: int, num_classes: int, opts: StreamOpti
 MEMORY_CACHE_LIMIT_BYTES = 4 << 30  # decoded pixels at the training resolution
 
 
+def _fractional(dataset: DatasetInfo) -> bool:
+  """Records whose replayed pixels are not whole grey levels: mixup without the JPEG step."""
+  return (dataset.kind != "source" and dataset.recipe_settings is not None
+          and bool(dataset.recipe_settings.mixup) and not dataset.jpeg_quality)
+
+
 def memory_cache_problem(datasets, recipe: augment.Recipe, resolution: int) -> str | None:
   """Why `memory_cache` cannot serve this input (None: it can). It serves datasets small enough
-  to hold as uint8 pixels at the training resolution: source shards whose recipe is the whole
-  image with at most a flip (what a fixed array serves), and distillation records whose
-  replayed pixels are whole grey levels (every recipe but mixup without the JPEG step)."""
+  to hold as pixels at the training resolution: source shards whose recipe is the whole image
+  with at most a flip (what a fixed array serves), and distillation records of any recipe. The
+  pixels are held as uint8 grey levels, or as the replay's float32 values when a dataset's are
+  fractional (mixup without the JPEG step): 4 bytes a channel instead of 1."""
   for dataset in datasets:
     if dataset.kind == "source":
       if recipe.crop_area[0] < 1.0 or recipe.ra_layers or recipe.mixup or recipe.jpeg_quality:
@@ -436,10 +447,8 @@ def memory_cache_problem(datasets, recipe: augment.Recipe, resolution: int) -> s
     elif dataset.recipe_settings is None:
       return (f"the records of '{dataset.name}' do not record their recipe (built before "
               "manifests held recipe_settings); rebuild them with data_prep.distill")
-    elif dataset.recipe_settings.mixup and not dataset.jpeg_quality:
-      return (f"the records of '{dataset.name}' replay mixed images as fractional grey levels "
-              "(mixup without the JPEG step), which it cannot hold as uint8")
-  size = sum(d.num_examples for d in datasets) * resolution * resolution * 3
+  channel_bytes = 4 if any(_fractional(d) for d in datasets) else 1
+  size = sum(d.num_examples for d in datasets) * resolution * resolution * 3 * channel_bytes
   if size > MEMORY_CACHE_LIMIT_BYTES:
     return (f"the decoded images would take {size / 2**30:.1f} GiB, over its "
             f"{MEMORY_CACHE_LIMIT_BYTES / 2**30:.0f} GiB limit")
@@ -464,16 +473,19 @@ def decode_all(dataset: DatasetInfo, resolution: int):
 
 
 def replay_all(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, resolution: int):
-  """Every record of a distillation dataset replayed once, in file order: uint8 pixels
-  [n, res, res, 3] (the replayed [-1, 1] pixels are v / 127.5 - 1 for whole grey levels v),
-  labels int32 [n] and teacher logits float32 [n, classes] (top-k: -inf elsewhere)."""
+  """Every record of a distillation dataset replayed once, in file order: pixels
+  [n, res, res, 3], labels int32 [n] and teacher logits float32 [n, classes] (top-k: -inf
+  elsewhere). The pixels are uint8 grey levels v (the replayed [-1, 1] pixels are v / 127.5 - 1),
+  or the replayed float32 pixels themselves where they are fractional (`_fractional`)."""
   once = dataclasses.replace(opts, shuffle=False, cycle_length=1)  # pair after pair, in order
   static = replay_static([dataset], once)
+  fractional = _fractional(dataset)
 
   def levels(element):
     out = replay(element, resolution, (dataset.jpeg_quality,), **static)
-    grey = tf.cast(tf.round((out["image"] + 1.0) * 127.5), tf.uint8)
-    return grey, out["label"], out["teacher"]
+    pixels = out["image"] if fractional else tf.cast(tf.round((out["image"] + 1.0) * 127.5),
+                                                     tf.uint8)
+    return pixels, out["label"], out["teacher"]
   return (_stream(dataset, 0, num_classes, once, dataset.pairs, resolution)
           .take(dataset.num_examples)
           .map(levels, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -482,8 +494,9 @@ def replay_all(dataset: DatasetInfo, num_classes: int, opts: StreamOptions, reso
 
 def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: int,
                    host_batch: int, num_hosts: int, host: int, boundaries, table):
-  """Batches of datasets held in memory as uint8 pixels (`decode_all` of source shards,
-  `replay_all` of records), mixed by the weight table, all of it batch-level work (a draw, a
+  """Batches of datasets held in memory as pixels (`decode_all` of source shards, `replay_all`
+  of records: uint8 grey levels, or all of them as float32 [-1, 1] when one dataset's replayed
+  pixels are fractional), mixed by the weight table, all of it batch-level work (a draw, a
   gather, a where, a scale: the cost of `fit` on arrays).
 
   Step s draws the dataset of each of the B = host_batch * num_hosts positions of the global
@@ -505,6 +518,10 @@ def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: 
     images.append(x)
     labels.append(y)
     teachers.append(t)
+  as_float = any(x.dtype == tf.float32 for x in images)
+  if as_float:  # what the end of `make` does to grey levels, done once
+    images = [x if x.dtype == tf.float32 else tf.cast(x, tf.float32) / 127.5 - 1.0
+              for x in images]
   images, labels, teachers = (tf.concat(images, 0), tf.concat(labels, 0),
                               tf.concat(teachers, 0))
   sizes = [d.num_examples for d in datasets]
@@ -540,7 +557,8 @@ def _cached_stream(datasets, num_classes: int, opts: StreamOptions, resolution: 
       flips = tf.logical_and(flips, tf.gather(flippable, choice))[mine]
       x = tf.where(flips[:, None, None, None], tf.reverse(x, axis=[2]), x)
     return drawn + tf.reduce_sum(one_hot, axis=0), {
-        "image": tf.cast(x, tf.float32) / 127.5 - 1.0, "label": tf.gather(labels, index),
+        "image": x if as_float else tf.cast(x, tf.float32) / 127.5 - 1.0,
+        "label": tf.gather(labels, index),
         "teacher": tf.gather(teachers, index), "dataset": tf.cast(choice[mine], tf.int32)}
   return tf.data.Dataset.counter().scan(tf.zeros([len(sizes)], tf.int64), make)
 
@@ -674,11 +692,19 @@ def train_dataset(datasets, *, resolution: int, host_batch: int, num_classes: in
   if shard_policy == "files" and any(len(d.pairs) < num_hosts for d in datasets):
     raise ConfigError(f"shard_policy 'files' needs at least {num_hosts} files per dataset (one "
                       "per host); use shard_policy='data'")
-  if options.memory_cache:
+  cache = options.memory_cache
+  if cache not in (True, False, "auto"):
+    raise ConfigError(f"data.memory_cache must be True, False or 'auto', not {cache!r}")
+  if cache:
     problem = memory_cache_problem(datasets, options.supervised_recipe, resolution)
-    if problem:
+    if problem and cache == "auto":
+      log.info("the input is streamed, not held in memory (data.memory_cache='auto'): %s",
+               problem)
+      cache = False
+    elif problem:
       raise ConfigError(f"data.memory_cache cannot hold this input: {problem}; set "
-                        "data.memory_cache=False")
+                        "data.memory_cache='auto' (held when it fits) or False")
+  if cache:
     ds = _cached_stream(datasets, num_classes, options, resolution, host_batch, num_hosts,
                         host, boundaries, table)
   else:
