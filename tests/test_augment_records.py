@@ -66,6 +66,23 @@ def test_apply_in_tf_data_replays_the_eager_pixels():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_every_op_in_every_layer_gives_tf_data_the_eager_pixels_exactly():
+  """tf.data runs the RandAugment layers as one traced layer in a loop, eagerly they are
+  unrolled: each op, in the first and in a later layer, gives the same bytes both ways."""
+  image = _textured()
+  n = len(A.RA_OPS) + 1  # with the identity
+  params = []
+  for op in range(n):
+    p = _params("d1", op)
+    p["ra_op"] = tf.constant([op, (op + 5) % n, (op + 11) % n])
+    params.append(p)
+  eager = [A.apply(image, p, 40, ra_layers=3).numpy() for p in params]
+  ds = tf.data.Dataset.from_tensor_slices({k: tf.stack([p[k] for p in params]) for k in params[0]})
+  replayed = list(ds.map(lambda p: A.apply(image, p, 40, ra_layers=3)).as_numpy_iterator())
+  for op, (a, b) in enumerate(zip(eager, replayed)):
+    np.testing.assert_array_equal(a, b, err_msg=f"op {op}")
+
+
 def _with_op(op, sign=1.0, cutout=(0.5, 0.5), magnitude=9.0):
   p = _params()
   p["ra_op"] = tf.constant([op, A.IDENTITY_OP, A.IDENTITY_OP])

@@ -145,26 +145,33 @@ os.environ["KERAS_BACKEND"] = "jax"
 import keras, numpy as np
 from mnv4_train.models import checkpoint  # the project's loader registers the MNv4 layers
 assert keras.backend.backend() == "jax"
-model = checkpoint.load_model(sys.argv[1], saved_model=False)
-np.save(sys.argv[3], np.asarray(model.predict(np.load(sys.argv[2]), verbose=0)))
+for model_path, x_path, y_path in zip(*[iter(sys.argv[1:])] * 3):
+  model = checkpoint.load_model(model_path, saved_model=False)
+  np.save(y_path, np.asarray(model.predict(np.load(x_path), verbose=0)))
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["conv_m", "hybrid_l"])
-def test_jax_backend_matches_tensorflow(tmp_path, name):
-  model = models.build(name, num_classes=10, width=0.25)
+def test_jax_backend_matches_tensorflow(tmp_path):
+  """Conv-M and Hybrid-L saved by TensorFlow, loaded and run by Keras on JAX (one process)."""
+  names, argv = ["conv_m", "hybrid_l"], []
   x = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype("float32")
-  model(x, training=True)  # move the BatchNorm statistics off their initial values
-  model.save(tmp_path / "m.keras")
   np.save(tmp_path / "x.npy", x)
+  expected = {}
+  for name in names:
+    model = models.build(name, num_classes=10, width=0.25)
+    model(x, training=True)  # move the BatchNorm statistics off their initial values
+    model.save(tmp_path / f"{name}.keras")
+    expected[name] = model.predict(x, verbose=0)
+    argv += [str(tmp_path / f"{name}.keras"), str(tmp_path / "x.npy"),
+             str(tmp_path / f"{name}.npy")]
   env = {**os.environ, "KERAS_BACKEND": "jax"}
-  out = subprocess.run([sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "m.keras"),
-                        str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-                       check=False, env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", JAX_SCRIPT, *argv], check=False, env=env,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(x, verbose=0),
-                             rtol=1e-4, atol=1e-4)
+  for name in names:
+    np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected[name], rtol=1e-4,
+                               atol=1e-4, err_msg=name)
 
 
 def test_mqa_matches_numpy_reference():

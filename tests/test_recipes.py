@@ -8,11 +8,10 @@ changes its entry there by hand.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
+from tests.conftest import run_cli
 from tests.fixtures.run_recipes import logged_rows, substitute
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,9 +87,7 @@ def test_recorded_runs_train_to_the_same_losses(source_shards, teacher_path, dis
           for name, run in runs.items()]
   with open(tmp_path / "runs.json", "w") as f:
     json.dump(jobs, f)
-  proc = subprocess.run([sys.executable, os.path.join(FIXTURES, "run_recipes.py"),
-                         str(tmp_path / "runs.json")], cwd=REPO, capture_output=True, text=True,
-                        env=dict(os.environ, PYTHONPATH=REPO))
+  proc = run_cli("tests.fixtures.run_recipes", str(tmp_path / "runs.json"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name, run in runs.items():
     last = COMPARED_STEPS.get(name, run["bindings"]["train_steps"])

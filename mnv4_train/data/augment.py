@@ -320,12 +320,24 @@ def apply(image: tf.Tensor, params: dict, resolution: int, partner: tf.Tensor | 
     constants = Recipe("default").ra_constants(resolution)
   constants = tf.cast(constants, tf.float32)
   out = crop_resize_flip(image, params["crop"], params["flip"], resolution)
-  for i in range(ra_layers):
-    out = tf.switch_case(
+
+  def layer(i, pixels):
+    pixels = tf.switch_case(
         params["ra_op"][i],
-        _ra_branches(out, params["ra_magnitude"][i], params["ra_sign"][i],
+        _ra_branches(pixels, params["ra_magnitude"][i], params["ra_sign"][i],
                      params["ra_cutout"][i], resolution, constants))
-    out.set_shape([resolution, resolution, 3])
+    pixels.set_shape([resolution, resolution, 3])
+    return i + 1, pixels
+
+  if ra_layers > 1 and not tf.executing_eagerly():
+    # In a graph (tf.data), one layer's 17 branches are traced once and run in a loop: the
+    # same ops on the same values as the unrolled layers (the eager path below), in half the
+    # tracing and function instantiation for RandAugment's two layers.
+    _, out = tf.while_loop(lambda i, _: i < ra_layers, layer, (tf.constant(0), out),
+                           maximum_iterations=ra_layers)
+  else:
+    for i in range(ra_layers):
+      _, out = layer(i, out)
   out = tf.cast(out, tf.float32)
   if partner is not None:
     ratio = params["mix_ratio"]
