@@ -355,16 +355,17 @@ class AdamW(keras.optimizers.AdamW):
   def __init__(self, *args, ema_start_step: int = 0, **kwargs):
     super().__init__(*args, **kwargs)
     self.ema_start_step = int(ema_start_step)
-    self._rate_in_update = None  # {graph: the update's learning rate} during `apply`
+    self._rate_in_update = None  # {(graph, what): value} during `apply`
 
   def apply(self, grads, trainable_variables=None):
-    """Keras' update, with the learning rate schedule evaluated once per update and graph.
+    """Keras' update, with what depends only on the step computed once per update and graph.
 
     Keras reads `learning_rate` once for the Adam step and once more per variable for the
-    decoupled weight decay, and each read builds the whole warmup-cosine schedule again: over a
-    few hundred variables that was a quarter of the optimizer's tracing time. Every read of one
-    update sees the same step count (it advances after the update), so one value serves them
-    all: the same numbers, a smaller graph."""
+    decoupled weight decay, and each read builds the whole warmup-cosine schedule again (a
+    quarter of the optimizer's tracing time over a few hundred variables); its Adam step builds
+    the bias-corrected step size per variable too. Every read of one update sees the same step
+    count (it advances after the update), so one value serves them all: the same numbers, a
+    smaller graph."""
     self._rate_in_update = {}
     try:
       return super().apply(grads, trainable_variables)
@@ -372,13 +373,41 @@ class AdamW(keras.optimizers.AdamW):
       self._rate_in_update = None
 
   def _get_current_learning_rate(self):
+    return self._once("learning_rate", super()._get_current_learning_rate)
+
+  def _once(self, key, compute):
+    """`compute()` once per update, graph and `key` (every call outside `apply`)."""
     memo = self._rate_in_update
     if memo is None:
-      return super()._get_current_learning_rate()
-    graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
-    if graph not in memo:  # a tensor of another graph (a cond branch) is not reused here
-      memo[graph] = super()._get_current_learning_rate()
-    return memo[graph]
+      return compute()
+    key = (None if tf.executing_eagerly() else tf.compat.v1.get_default_graph(), key)
+    if key not in memo:  # a tensor of another graph (a cond branch) is not reused here
+      memo[key] = compute()
+    return memo[key]
+
+  def update_step(self, gradient, variable, learning_rate):
+    """Keras' Adam step, its step-size factor lr * sqrt(1 - b2^t) / (1 - b1^t) computed once per
+    update (Keras builds it for every variable): the same operations on the same values."""
+    if self.amsgrad:
+      return super().update_step(gradient, variable, learning_rate)
+    dtype = variable.dtype
+
+    def step_size():
+      lr = keras.ops.cast(learning_rate, dtype)
+      step = keras.ops.cast(self.iterations + 1, dtype)
+      beta_1_power = keras.ops.power(keras.ops.cast(self.beta_1, dtype), step)
+      beta_2_power = keras.ops.power(keras.ops.cast(self.beta_2, dtype), step)
+      return lr * keras.ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    alpha = self._once(("adam_step_size", str(dtype)), step_size)
+    gradient = keras.ops.cast(gradient, dtype)
+    m = self._momentums[self._get_variable_index(variable)]
+    v = self._velocities[self._get_variable_index(variable)]
+    self.assign_add(m, keras.ops.multiply(keras.ops.subtract(gradient, m), 1 - self.beta_1))
+    self.assign_add(v, keras.ops.multiply(keras.ops.subtract(keras.ops.square(gradient), v),
+                                          1 - self.beta_2))
+    self.assign_sub(variable, keras.ops.divide(keras.ops.multiply(m, alpha),
+                                               keras.ops.add(keras.ops.sqrt(v), self.epsilon)))
+    return None
 
   def _update_model_variables_moving_average(self, trainable_variables):
     if not self.use_ema:
