@@ -11,8 +11,8 @@ through here before any work:
   hard-linked into place (O_EXCL where links are unavailable), so of two processes only one
   gets it and nobody reads it half-written; the other stops with one line naming the holder.
   A claim whose process is gone (same host, pid not running, or running with another start
-  time) is stale: it is taken over, with a line saying so. A claim from another host cannot be checked from here and is
-  never taken over silently: the user is told how to release it.
+  time) is stale: it is taken over, with a line saying so. A claim from another host cannot be
+  checked from here and is never taken over silently: the user is told how to release it.
 - The same file marks a staging folder as this project's: a `<out>.tmp` without it was not
   made by us and is never removed.
 

@@ -355,7 +355,7 @@ class AdamW(keras.optimizers.AdamW):
   def __init__(self, *args, ema_start_step: int = 0, **kwargs):
     super().__init__(*args, **kwargs)
     self.ema_start_step = int(ema_start_step)
-    self._rate_in_update = None  # {(graph, what): value} during `apply`
+    self._per_update = None  # {(graph, what): value} during `apply`
 
   def apply(self, grads, trainable_variables=None):
     """Keras' update, with what depends only on the step computed once per update and graph.
@@ -366,18 +366,18 @@ class AdamW(keras.optimizers.AdamW):
     the bias-corrected step size per variable too. Every read of one update sees the same step
     count (it advances after the update), so one value serves them all: the same numbers, a
     smaller graph."""
-    self._rate_in_update = {}
+    self._per_update = {}
     try:
       return super().apply(grads, trainable_variables)
     finally:
-      self._rate_in_update = None
+      self._per_update = None
 
   def _get_current_learning_rate(self):
     return self._once("learning_rate", super()._get_current_learning_rate)
 
   def _once(self, key, compute):
     """`compute()` once per update, graph and `key` (every call outside `apply`)."""
-    memo = self._rate_in_update
+    memo = self._per_update
     if memo is None:
       return compute()
     key = (None if tf.executing_eagerly() else tf.compat.v1.get_default_graph(), key)
@@ -407,7 +407,6 @@ class AdamW(keras.optimizers.AdamW):
                                           1 - self.beta_2))
     self.assign_sub(variable, keras.ops.divide(keras.ops.multiply(m, alpha),
                                                keras.ops.add(keras.ops.sqrt(v), self.epsilon)))
-    return None
 
   def _update_model_variables_moving_average(self, trainable_variables):
     if not self.use_ema:
