@@ -8,6 +8,15 @@ import os
 # As our CLIs do (mnv4_train/__init__.py); set first, because importing jax sets it to 1 and
 # the CLI subprocesses the tests start inherit this environment.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Each xdist worker's TensorFlow, and every command it starts, takes its share of the cores for
+# both of its thread pools (an op's own threads, and ops run side by side): two workers with
+# pools of every core each oversubscribe the machine. Measured on 2 cores, the README's test
+# command: 17:54 with the default pools, 16:49 with one intra-op thread per worker (and the
+# committed teacher), 15:13 with both pools at one. Set before TensorFlow starts; a value in the environment wins.
+_THREADS = str(max(1, len(os.sched_getaffinity(0))
+                   // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", _THREADS)
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", _THREADS)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -228,19 +237,15 @@ def load_source_arrays(folder, resolution=32):
 
 
 @pytest.fixture(scope="session")
-def teacher_path(source_shards, tmp_path_factory):
-  """A tiny MNv4-Conv-S trained for a few seconds on the digits shards (fixed 32 px input)."""
+def teacher_path(tmp_path_factory):
+  """A tiny MNv4-Conv-S trained on the digits shards, as a .keras file: the committed weights
+  of tests/fixtures/make_teacher.py (the same teacher in every run, on every CPU)."""
+  from tests.fixtures import make_teacher
   with built_once(tmp_path_factory, "teacher") as (root, done):
     path = str(root / "teacher.keras")
     if done:
-      from mnv4_train import models
-      xs, ys, _ = load_source_arrays(source_shards[0])
-      keras.utils.set_random_seed(0)
-      model = models.build("conv_s", num_classes=10, width=0.25, bn_momentum=0.9,
-                           resolution=32)
-      model.compile(optimizer=keras.optimizers.Adam(3e-3),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-      model.fit(xs, ys, epochs=12, batch_size=32, verbose=0)
+      model = make_teacher.build()
+      model.load_weights(make_teacher.WEIGHTS)
       model.save(path)
       done()
   return path
