@@ -12,7 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # both of its thread pools (an op's own threads, and ops run side by side): two workers with
 # pools of every core each oversubscribe the machine. Measured on 2 cores, the README's test
 # command: 17:54 with the default pools, 16:49 with one intra-op thread per worker (and the
-# committed teacher), 15:13 and 17:10 (two runs of the same code) with both pools at one. Set before TensorFlow starts; a value in the environment wins.
+# committed teacher), 15:13 and 17:10 (two runs of the same code) with both pools at one.
+# Set before TensorFlow starts; a value in the environment wins.
 _THREADS = str(max(1, len(os.sched_getaffinity(0))
                    // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", _THREADS)
