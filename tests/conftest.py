@@ -19,7 +19,6 @@ _THREADS = str(max(1, len(os.sched_getaffinity(0))
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", _THREADS)
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", _THREADS)
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -198,15 +197,22 @@ def built_once(tmp_path_factory, name):
     yield folder, marker.touch
 
 
+def write_test_digits(root):
+  """Writes the tests' digits folder into `root`: 200 real digit images (20 per class, 32 px
+  PNG) plus CORRUPT_FILES; {relative path: label} of the good images."""
+  written = write_digits_folder(root, per_class=20)
+  for rel, data in CORRUPT_FILES.items():
+    with open(os.path.join(root, rel), "wb") as f:
+      f.write(data)
+  return written
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory):
   """200 real digit images (20 per class, 32 px PNG) plus three corrupt files."""
   with built_once(tmp_path_factory, "digits") as (root, done):
     if done:
-      written = write_digits_folder(str(root), per_class=20)
-      for rel, data in CORRUPT_FILES.items():
-        with open(os.path.join(root, rel), "wb") as f:
-          f.write(data)
+      written = write_test_digits(str(root))
       (root.parent / "shared-digits.json").write_text(json.dumps(written))
       done()
     written = json.loads((root.parent / "shared-digits.json").read_text())
