@@ -249,8 +249,16 @@ def test_the_relevance_rule_defaults_to_what_each_paths_figures_were_measured_wi
 PROBE_STAGE = """
 import json, os, sys
 warm = "tensorflow" in sys.modules  # imported by the fork server, not by this stage
+from tensorflow.python.autograph.impl import api
+from tensorflow.python.eager import context
+from mnv4_train import autograph_warm
+# AutoGraph's cache as the server left it: which graph functions are converted already.
+converted = [name for names, user in ((autograph_warm.GRAPH_FUNCTIONS, False),
+                                      (autograph_warm.ENTRY_POINTS, True)) for name in names
+             if api._TRANSPILER._cache.has(autograph_warm.resolve(name), api._TRANSPILER.
+                                           get_caching_key(autograph_warm.program_context(user)))]
 out = {"pid": os.getpid(), "argv": sys.argv[1:], "cwd": os.getcwd(), "name": __name__,
-       "warm": warm}
+       "warm": warm, "runtime_started": context._context is not None, "converted": converted}
 with open("probe.json", "w") as f:
   json.dump(out, f)
 if "--signal" in sys.argv:
@@ -262,11 +270,15 @@ sys.exit(3)
 def test_a_stage_runs_as_python_m_would_in_its_own_warm_process(tmp_path, monkeypatch):
   """The main job's stages: `python -m module args` in a child of the fork server, which has
   imported TensorFlow once; the child's own pid, exit status (-N for a signal), working folder."""
-  from mnv4_train import stages
+  from mnv4_train import autograph_warm, stages
   (tmp_path / "probe_stage.py").write_text(PROBE_STAGE)
   monkeypatch.chdir(tmp_path)
   assert stages.run("probe_stage", ["a", "--b=1"]) == 3
   probe = json.loads((tmp_path / "probe.json").read_text())
   assert probe["pid"] != os.getpid() and probe["name"] == "__main__" and probe["warm"]
+  # The server converted the graph code (mnv4_train.autograph_warm) without starting
+  # TensorFlow's runtime, which would make forking it unsafe.
+  assert not probe["runtime_started"]
+  assert probe["converted"] == list(autograph_warm.GRAPH_FUNCTIONS + autograph_warm.ENTRY_POINTS)
   assert probe["argv"] == ["a", "--b=1"] and probe["cwd"] == str(tmp_path)
   assert stages.run("probe_stage", ["--signal"]) == -signal.SIGTERM
