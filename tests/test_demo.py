@@ -12,13 +12,15 @@ import pytest
 import tensorflow as tf
 
 from data_prep.digits import write_digits_folder
+from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", "mnv4_train.demo", *args], capture_output=True,
-                        text=True, cwd=REPO)
+  """`python -m mnv4_train.demo args`, forked warm (`run_cli`); its stages fork from a server of
+  its own, as they do when a user runs the command."""
+  proc = run_cli("mnv4_train.demo", *args, timeout=1800)
   if check and proc.returncode:
     raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
   return proc

@@ -13,6 +13,7 @@ import tensorflow as tf
 from data_prep import fashion_mnist, ingest
 from data_prep.digits import write_digits_folder
 from mnv4_train.data import records
+from tests.conftest import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,8 +130,7 @@ def test_fashion_main_job_plumbing_on_a_tiny_subset(tmp_path):
           "--test=0.02", "--epochs=1", "--student_steps=12", "--replicas=1", "--per_class=12",
           "--threshold=0.1",  # a 1-epoch relevance classifier is barely confident
           "--beam_workers=1"]  # in-process Beam jobs: no worker start-up on a sliver
-  proc = subprocess.run([sys.executable, "-m", "mnv4_train.demo", *args], capture_output=True,
-                        text=True, cwd=REPO)
+  proc = run_cli("mnv4_train.demo", *args, timeout=1800)  # forked warm; its stages as a user's
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.load(open(os.path.join(ws, "report.json")))
   names = [r["model"] for r in report["runs"]]
