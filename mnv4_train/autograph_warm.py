@@ -10,9 +10,10 @@ the conversion finds it done: `mnv4_train.stages` calls `warm()` in its fork ser
 
 `warm()` converts the graph functions named in GRAPH_FUNCTIONS and every function of FOLLOWED
 modules they call by name, with the options a graph converts them with (a function's nested
-functions and lambdas are converted with it). It is pure Python, source in and source out: TensorFlow's runtime does not
-start, so forking after it stays safe. A converted function is the same whoever converts it; one
-this misses, or that cannot be converted, is converted by the stage itself, as before.
+functions and lambdas are converted with it). It is pure Python, source in and source out:
+TensorFlow's runtime does not start, so forking after it stays safe. A converted function is
+the same whoever converts it; one this misses, or that cannot be converted, is converted by the
+stage itself, as before.
 """
 
 from __future__ import annotations
@@ -122,11 +123,12 @@ def program_context(user_requested: bool = False):
 def warm(names=GRAPH_FUNCTIONS, followed=FOLLOWED, entry_points=ENTRY_POINTS) -> int:
   """Converts `names` and what they call in `followed` modules into AutoGraph's cache; how many
   functions it converted."""
-  from tensorflow.python.autograph.impl import api  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel,protected-access
+  from tensorflow.python.autograph.impl import api
 
   def convert(fn, user_requested=False):
     try:
-      api._TRANSPILER.transform(fn, program_context(user_requested))  # pylint: disable=protected-access
+      api._TRANSPILER.transform(fn, program_context(user_requested))
       return 1
     except Exception:  # pylint: disable=broad-except
       return 0  # the stage converts it, or runs it unconverted, as it always did

@@ -18,6 +18,7 @@ Exit statuses are a `subprocess`'s: the code the module exits with, or -N for a 
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.reduction
 import os
 import runpy
 import sys
@@ -45,12 +46,29 @@ def _forkserver():
   return _context
 
 
+class _CallersFd:
+  """One of the caller's file descriptors, handed to the forked child (the fork server passes
+  it over its socket): a stage writes to the console of the process that started it, wherever
+  that process' stdout and stderr point now, not to those the server was started with."""
+
+  def __init__(self, fd: int):
+    self.fd = fd
+
+  def __reduce__(self):  # pickled while the child is being started: the fd goes with it
+    return _inherited_fd, (multiprocessing.reduction.DupFd(self.fd),)
+
+
+def _inherited_fd(dup) -> int:
+  return dup.detach()
+
+
 def _stage_main(module: str, args: list[str], cwd: str, env=None, output=None):
   """In the forked child: `python -m module args` from `cwd` (first on `sys.path`, as `-m`
-  puts it), in `env` (None: the server's), its stdout and stderr written to the files `output`
-  (None: the console)."""
-  for fd, path in zip((1, 2), output or ()):
-    opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+  puts it), in `env` (None: the server's), its stdout and stderr written to `output`: two
+  files, or two of the caller's descriptors (`_CallersFd`, once inherited: ints)."""
+  for fd, target in zip((1, 2), output or ()):
+    opened = target if isinstance(target, int) else os.open(
+        target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(opened, fd)
     os.close(opened)
   if env is not None:  # what TensorFlow reads at import (TF_CPP_MIN_LOG_LEVEL) is the server's
@@ -70,10 +88,11 @@ def start(module: str, args: list[str], *, cwd: str | None = None, env: dict | N
   this one's), `env` (default the server's, which is this process' when it started) and
   `output`, two files for the child's stdout and stderr (default: this one's console)."""
   cwd = os.path.abspath(cwd or os.getcwd())
-  process = _forkserver().Process(target=_stage_main, args=(module, list(args), cwd),
-                                  kwargs={"env": env, "output": output}, name=module)
   sys.stdout.flush()
   sys.stderr.flush()
+  output = output or (_CallersFd(1), _CallersFd(2))
+  process = _forkserver().Process(target=_stage_main, args=(module, list(args), cwd),
+                                  kwargs={"env": env, "output": output}, name=module)
   process.start()
   return process
 

@@ -284,3 +284,26 @@ def test_a_stage_runs_as_python_m_would_in_its_own_warm_process(tmp_path, monkey
   assert probe["converted"] == list(autograph_warm.GRAPH_FUNCTIONS + autograph_warm.ENTRY_POINTS)
   assert probe["argv"] == ["a", "--b=1"] and probe["cwd"] == str(tmp_path)
   assert stages.run("probe_stage", ["--signal"]) == -signal.SIGTERM
+
+
+def test_a_stage_writes_to_the_console_its_caller_has_now(tmp_path, monkeypatch):
+  """A stage's output goes where its caller's stdout and stderr point when it starts, not where
+  they pointed when the fork server started (pytest's capture, a redirected console)."""
+  from mnv4_train import stages
+  (tmp_path / "say_stage.py").write_text(
+      "import sys\nprint('out', sys.argv[1])\nprint('err', sys.argv[1], file=sys.stderr)\n")
+  monkeypatch.chdir(tmp_path)
+  assert stages.run("say_stage", ["first"]) == 0  # the server runs from here on
+  saved = [os.dup(1), os.dup(2)]
+  try:
+    for fd, name in ((1, "out.txt"), (2, "err.txt")):
+      opened = os.open(tmp_path / name, os.O_WRONLY | os.O_CREAT, 0o644)
+      os.dup2(opened, fd)
+      os.close(opened)
+    assert stages.run("say_stage", ["second"]) == 0
+  finally:
+    for fd, copy in zip((1, 2), saved):
+      os.dup2(copy, fd)
+      os.close(copy)
+  assert (tmp_path / "out.txt").read_text() == "out second\n"
+  assert (tmp_path / "err.txt").read_text() == "err second\n"
