@@ -69,8 +69,9 @@ def _stage_main(module: str, args: list[str], cwd: str, env=None, output=None):
   for fd, target in zip((1, 2), output or ()):
     opened = target if isinstance(target, int) else os.open(
         target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(opened, fd)
-    os.close(opened)
+    if opened != fd:
+      os.dup2(opened, fd)
+      os.close(opened)
   if env is not None:  # what TensorFlow reads at import (TF_CPP_MIN_LOG_LEVEL) is the server's
     os.environ.clear()
     os.environ.update(env)
