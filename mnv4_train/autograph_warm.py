@@ -56,15 +56,16 @@ GRAPH_FUNCTIONS = (
     "mnv4_train.data.augment:sample",
     "mnv4_train.data.augment:Recipe.randaugment",
     "mnv4_train.data.augment:Recipe.ra_constants",
-    "data_prep.transforms:_forward_fn.<locals>.<lambda>",
 )
 # Modules whose functions the graph functions call by name are converted with them.
 FOLLOWED = ("official.vision.ops.augment", "mnv4_train.data.augment", "mnv4_train.data.pipeline",
             "mnv4_train.data.records", "mnv4_train.kd")
-# The methods a stage hands to `tf.function` itself: AutoGraph converts those with
-# `user_requested=True`, a cache entry of their own (what they call, above: False).
+# What a stage hands to `tf.function` itself (the trainer's loops, the Beam jobs' teacher
+# inference): AutoGraph converts those with `user_requested=True`, a cache entry of their own
+# (what they call, above: False). A `<lambda>` is the first one defined in its function.
 ENTRY_POINTS = ("mnv4_train.training.trainer:Trainer._train_loop_fn",
-                "mnv4_train.training.trainer:Trainer._eval_batch")
+                "mnv4_train.training.trainer:Trainer._eval_batch",
+                "data_prep.transforms:_forward_fn.<locals>.<lambda>")
 
 
 def resolve(name: str):
