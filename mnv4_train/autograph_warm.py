@@ -134,22 +134,19 @@ def warm(names=GRAPH_FUNCTIONS, followed=FOLLOWED, entry_points=ENTRY_POINTS) ->
     except Exception:  # pylint: disable=broad-except
       return 0  # the stage converts it, or runs it unconverted, as it always did
 
-  todo, seen, done = [], set(), 0
-  for name in names:
-    try:
-      todo.append(resolve(name))
-    except (ImportError, LookupError):
-      continue
+  # (function, user_requested); what a function calls by name is converted as graph-called.
+  todo, seen, done, followed = [], set(), 0, set(followed)
+  for group, user_requested in ((names, False), (entry_points, True)):
+    for name in group:
+      try:
+        todo.append((resolve(name), user_requested))
+      except (ImportError, LookupError):
+        continue
   while todo:
-    fn = todo.pop()
-    if fn.__code__ in seen:
+    fn, user_requested = todo.pop()
+    if (fn.__code__, user_requested) in seen:
       continue
-    seen.add(fn.__code__)
-    done += convert(fn)  # with the functions and lambdas defined inside it
-    todo += _called(fn, set(followed))
-  for name in entry_points:
-    try:
-      done += convert(resolve(name), user_requested=True)
-    except (ImportError, LookupError):
-      continue
+    seen.add((fn.__code__, user_requested))
+    done += convert(fn, user_requested)  # with the functions and lambdas defined inside it
+    todo += [(called, False) for called in _called(fn, followed)]
   return done
