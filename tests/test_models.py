@@ -14,7 +14,7 @@ from mnv4_train import models
 from mnv4_train.errors import ConfigError
 from mnv4_train.models import layers as L
 from mnv4_train.models import profile, specs
-from tests.conftest import run_cli
+from tests.conftest import JAX_ENV, run_cli
 
 # The official implementation's figures at 1000 classes: the Model Garden's
 # MobileNet(model_id="MobileNetV4...") backbone + classification head (identical in timm).
@@ -165,7 +165,7 @@ def test_jax_backend_matches_tensorflow(tmp_path):
     expected[name] = model.predict(x, verbose=0)
     argv += [str(tmp_path / f"{name}.keras"), str(tmp_path / "x.npy"),
              str(tmp_path / f"{name}.npy")]
-  env = {**os.environ, "KERAS_BACKEND": "jax"}
+  env = {**os.environ, **JAX_ENV}
   out = subprocess.run([sys.executable, "-c", JAX_SCRIPT, *argv], check=False, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

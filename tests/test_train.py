@@ -21,7 +21,7 @@ import tensorflow as tf
 from mnv4_train import models
 from mnv4_train.data import pipeline
 from mnv4_train.kd import Distiller, kd_loss, label_loss, topk_to_dense
-from tests.conftest import WarmProcess, run_cli
+from tests.conftest import JAX_ENV, WarmProcess, run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ def test_distiller_fits_with_keras_on_the_jax_backend(tmp_path):
       "h = d.fit(x, y, batch_size=8, epochs=8, verbose=0).history['loss']\n"
       "print(keras.backend.backend(), h[0], h[-1])\n")
   out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO,
-                       check=True).stdout.split()
+                       check=True, env={**os.environ, **JAX_ENV}).stdout.split()
   assert out[0] == "jax"
   assert float(out[2]) < 0.7 * float(out[1])
 
