@@ -61,7 +61,7 @@ MIN_FOLDER_STEPS = 100
 # sklearn's digits: epochs of the teacher and of the label-only student (a folder's keep the
 # recipes' 30). Chosen on a validation split carved from the training digits
 # (docs/results.md): 15 epochs gave the teacher, the label-only student and the student
-# distilled from that teacher the validation top-1 of 30, in half the training time.
+# distilled from that teacher the validation top-1 of 30, in two thirds of the training time.
 DIGITS_LABEL_EPOCHS = 15
 
 
@@ -123,8 +123,8 @@ def parse_args(argv):
                       "name> with --images)")
   parser.add_argument("--resolution", type=int, default=32, help="model input size")
   parser.add_argument("--epochs", type=float, default=None,
-                      help="training epochs of every run (default: each recipe's own; on digits the "
-                      f"teacher and the label-only student train {DIGITS_LABEL_EPOCHS})")
+                      help="training epochs of every run (default: each recipe's own; on digits "
+                      f"the teacher and the label-only student train {DIGITS_LABEL_EPOCHS})")
   parser.add_argument("--replicas", default=None,
                       help="augmented replicas of each distillation dataset: one number for all, "
                       "or D1,D2,D3 (default: 4 for digits and folders; fashion_mnist 4,4,2)")
