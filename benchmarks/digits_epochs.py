@@ -26,64 +26,75 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from own_folder import run_demo  # noqa: E402  pylint: disable=wrong-import-position
+
 DISTILL_EPOCHS = 80  # digits_distill.gin
 
 
 def _run(*argv):
-  subprocess.run([sys.executable, "-m", *argv], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+  """`python -m argv`, its output not shown; a failure stops the script with one line."""
+  proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, check=False,
+                        stdout=subprocess.DEVNULL)
+  if proc.returncode:
+    sys.exit(f"digits_epochs: {argv[0]} failed (exit status {proc.returncode}); see above")
 
 
 def training_folder(root: str) -> str:
-  """The digits the quick path trains on, under new names (new ids, so a new hash split)."""
+  """The digits the quick path trains on, under new names (new ids, so a new hash split), in
+  `root`/training_digits: built once (`.complete`) in a staging folder of its own, which is all
+  this removes; a `training_digits` it did not finish is refused, never replaced."""
   folder = os.path.join(root, "training_digits")
   if os.path.exists(os.path.join(folder, ".complete")):
     return folder
+  if os.path.exists(folder):
+    sys.exit(f"digits_epochs: {folder} exists and is not a folder this script finished; move "
+             "it away or give another --workspace")
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  images, ids = os.path.join(root, "digits"), os.path.join(root, "training_ids")
-  for path in (images, ids, folder):
-    shutil.rmtree(path, ignore_errors=True)
-  _run("data_prep.digits", f"--out={images}")
-  _run("data_prep.ingest", f"--images={images}", f"--out={ids}", "--num_shards=1",
-       "--holdout_fraction=0.2", "--subset=train")
-  for record in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(ids, "shard-*")))):
-    example = tf.train.Example.FromString(record.numpy())
-    rel = example.features.feature["image/id"].bytes_list.value[0].decode()
-    label, name = os.path.split(rel)
-    os.makedirs(os.path.join(folder, label), exist_ok=True)
-    shutil.copy(os.path.join(images, rel), os.path.join(folder, label, "v" + name))
-  open(os.path.join(folder, ".complete"), "w").close()
+  os.makedirs(root, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".training_digits-", dir=root)
+  try:
+    images, ids, built = (os.path.join(staging, name) for name in ("digits", "ids", "built"))
+    _run("data_prep.digits", f"--out={images}")
+    _run("data_prep.ingest", f"--images={images}", f"--out={ids}", "--num_shards=1",
+         "--holdout_fraction=0.2", "--subset=train")
+    for record in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(ids, "shard-*")))):
+      example = tf.train.Example.FromString(record.numpy())
+      rel = example.features.feature["image/id"].bytes_list.value[0].decode()
+      label, name = os.path.split(rel)
+      os.makedirs(os.path.join(built, label), exist_ok=True)
+      shutil.copy(os.path.join(images, rel), os.path.join(built, label, "v" + name))
+    open(os.path.join(built, ".complete"), "w").close()
+    os.rename(built, folder)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   return folder
-
-
-def _metrics(workdir: str) -> dict:
-  with open(os.path.join(workdir, "metrics.json")) as f:
-    return json.load(f)
 
 
 def setting(root: str, folder: str, epochs: float, seeds: list[int]) -> dict:
   """One row: the quick path at `epochs`, then 80-epoch distilled students, one per seed."""
   ws = os.path.join(root, f"epochs{epochs:g}")
-  _run("mnv4_train.demo", f"--images={folder}", "--flip=no", f"--workspace={ws}",
-       f"--epochs={epochs}", "--beam_workers=1")
+  report = run_demo(f"{epochs:g} epochs", ws, [f"--images={folder}", "--flip=no",
+                                               f"--epochs={epochs}", "--beam_workers=1"])
   with open(os.path.join(ws, "stage_times.json")) as f:
     seconds = json.load(f)
-  runs = {name: {"top1": _metrics(os.path.join(ws, "runs", name))["top1"],
-                 "seconds": seconds.get(name)}
-          for name in ("teacher", "student_labels", "student_distill")}
+  runs = {name: {"top1": run["top1"], "seconds": seconds.get(name)}
+          for run in report["runs"] for name in [os.path.basename(run["workdir"])]}
   distilled = []
   for seed in seeds:
     workdir = os.path.join(ws, "runs", f"distill{DISTILL_EPOCHS}_seed{seed}")
-    if not os.path.exists(os.path.join(workdir, "metrics.json")):
+    metrics = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(metrics):
       _run("mnv4_train.main", "--gin_file=digits_distill.gin", f"--workdir={workdir}",
            f"--gin_bindings=data.root='{ws}'", "--gin_bindings=student.resolution=32",
            f"--gin_bindings=runtime.seed={seed}")
-    m = _metrics(workdir)
-    distilled.append({"seed": seed, "top1": m["top1"], "seconds": m.get("seconds")})
-  return {"epochs": epochs, "validation_images": _metrics(
-      os.path.join(ws, "runs", "teacher"))["examples"], "runs": runs,
-          f"distilled_{DISTILL_EPOCHS}": distilled}
+    with open(metrics) as f:
+      distilled.append({"seed": seed, "top1": json.load(f)["top1"]})
+  return {"epochs": epochs, "validation_images": report["sources"]["holdout"]["images"],
+          "runs": runs, f"distilled_{DISTILL_EPOCHS}": distilled}
 
 
 def main():
@@ -92,7 +103,6 @@ def main():
   parser.add_argument("--epochs", type=float, nargs="+", default=[30, 15])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   args = parser.parse_args()
-  os.makedirs(args.workspace, exist_ok=True)
   folder = training_folder(args.workspace)
   rows = [setting(args.workspace, folder, e, args.seeds) for e in args.epochs]
   with open(os.path.join(args.workspace, "digits_epochs.json"), "w") as f:

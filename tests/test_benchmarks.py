@@ -191,6 +191,34 @@ def test_own_folder_builds_a_labelled_folder_and_a_disjoint_nested_corpus(tmp_pa
   assert own_folder.build_folders(str(tmp_path), per_class=3) == counts  # built once
 
 
+def test_digits_epochs_removes_only_its_own_staging_folder(tmp_path, monkeypatch):
+  """A `training_digits` it did not finish is refused and kept; a build that fails leaves the
+  workspace as it found it (its staging folder gone, a user's files untouched)."""
+  import sys
+  from benchmarks import digits_epochs
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("keep")
+  (tmp_path / "training_digits").mkdir()
+  (tmp_path / "training_digits" / "theirs.png").write_bytes(b"keep")
+  with pytest.raises(SystemExit) as stop:
+    digits_epochs.training_folder(str(tmp_path))
+  assert "training_digits exists and is not a folder this script finished" in str(stop.value)
+  assert (tmp_path / "training_digits" / "theirs.png").read_bytes() == b"keep"
+  (tmp_path / "training_digits" / "theirs.png").unlink()
+  (tmp_path / "training_digits").rmdir()
+
+  def fail_after_writing(module, *args):  # the first command writes, then fails
+    out = next(a.split("=", 1)[1] for a in args if a.startswith("--out="))
+    os.makedirs(out)
+    open(os.path.join(out, "half.png"), "w").close()
+    sys.exit(f"digits_epochs: {module} failed (exit status 1); see above")
+  monkeypatch.setattr(digits_epochs, "_run", fail_after_writing)
+  with pytest.raises(SystemExit):
+    digits_epochs.training_folder(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["mine"]
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_offline_against_online_teacher_cost_follows_from_the_inputs():
   a = scale_plan.Assumptions(imagenet_images=1000, d1_replicas=3, d2_replicas=5,
                              d3_images_per_class=7, d3_classes=11, d3_replicas=2, epochs=4,
